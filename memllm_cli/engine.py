@@ -1,0 +1,249 @@
+"""The memory-augmented forward pass for any Hugging Face decoder-only model (training-free).
+
+A memory is a pool of tokens; per layer, each token is stored as its *pre-rotary* key and
+its value. Reading presents the stored tokens to every layer as a key/value prefix, with
+rotary positions assigned at read time; writing runs one forward pass over a chunk after a
+context of stored tokens and captures the chunk's keys and values in every layer.
+
+Legend for the shape comments:
+    L    decoder layers                 Hkv  key/value heads        hd  head dim
+    n    tokens in a pool               m    tokens in a read/write context
+    T    tokens of the input            V    vocabulary size
+
+Why pre-rotary keys: RoPE rotates a key by its position, and a memory token's position
+changes every time tokens before it are dropped. Storing un-rotated keys lets us assign
+positions at read time with one elementwise rotation per token, and costs no projection
+(against the layer-input hidden state, which would need norm + k/v projections per read).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .errors import ModelError
+
+
+@dataclass
+class Pool:
+    """Stored tokens: pre-rotary keys and values per layer, plus per-token tags.
+
+    Tags (provenance such as source id, chunk id, offset) are carried through every
+    selection and concatenation untouched; the engine never reads them.
+    """
+
+    keys: torch.Tensor  # (L, Hkv, n, hd)
+    values: torch.Tensor  # (L, Hkv, n, hd)
+    tags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n,) int64
+
+    def __post_init__(self) -> None:
+        n = self.keys.shape[2]
+        if self.values.shape != self.keys.shape:
+            raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} differ")
+        for name, tag in self.tags.items():
+            if tag.shape != (n,):
+                raise ValueError(f"tag {name!r} has shape {tuple(tag.shape)}, expected ({n},)")
+
+    def __len__(self) -> int:
+        return self.keys.shape[2]
+
+    @classmethod
+    def empty(cls, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, tag_names=()) -> Pool:
+        kv = torch.empty(layers, kv_heads, 0, head_dim, dtype=dtype)
+        return cls(kv, kv.clone(), {name: torch.empty(0, dtype=torch.int64) for name in tag_names})
+
+    def select(self, index: torch.Tensor) -> Pool:
+        """The tokens at `index` (1-D, int64), in that order."""
+        return Pool(
+            self.keys.index_select(2, index),  # (L, Hkv, len(index), hd)
+            self.values.index_select(2, index),
+            {name: tag.index_select(0, index) for name, tag in self.tags.items()},
+        )
+
+    def tail(self, count: int) -> Pool:
+        """The last `count` tokens (all of them if the pool is shorter)."""
+        start = max(0, len(self) - count)
+        return Pool(
+            self.keys[:, :, start:],
+            self.values[:, :, start:],
+            {name: tag[start:] for name, tag in self.tags.items()},
+        )
+
+    def __add__(self, other: Pool) -> Pool:
+        """Concatenate along the token axis; tags missing on one side are filled with -1."""
+        names = dict.fromkeys([*self.tags, *other.tags])
+
+        def tag(pool: Pool, name: str) -> torch.Tensor:
+            return pool.tags.get(name, torch.full((len(pool),), -1, dtype=torch.int64))
+
+        dtype = self.keys.dtype
+        return Pool(
+            torch.cat([self.keys, other.keys.to(dtype)], dim=2),  # (L, Hkv, n1+n2, hd)
+            torch.cat([self.values, other.values.to(dtype)], dim=2),
+            {name: torch.cat([tag(self, name), tag(other, name)]) for name in names},
+        )
+
+    def to(self, dtype: torch.dtype) -> Pool:
+        return Pool(self.keys.to(dtype), self.values.to(dtype), dict(self.tags))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def drop_uniform(n: int, drop: int, seed: int) -> torch.Tensor:
+    """Indices of the n - drop tokens kept when `drop` of n are dropped uniformly at random.
+
+    The MemoryLLM rule: `sort(randperm(n)[: n - drop])` from a generator seeded with `seed`,
+    so kept tokens keep their order and any update can be replayed exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[: n - drop].sort().values  # (n - drop,)
+
+
+class MemoryModel:
+    """Wraps a Hugging Face causal LM to read from and write to a token pool."""
+
+    def __init__(self, model, *, device: str | torch.device = "cpu") -> None:
+        config = model.config.get_text_config(decoder=True)
+        inner = getattr(model, "model", None)
+        rotary = getattr(inner, "rotary_emb", None)
+        if rotary is None or not hasattr(inner, "layers"):
+            raise ModelError(
+                f"{type(model).__name__} is not a decoder-only model with rotary positions",
+                hint="use a Llama, Mistral, Qwen2 or similar model",
+            )
+        if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+            raise ModelError(
+                f"{config.model_type} rotates only part of each head (partial_rotary_factor "
+                f"{config.partial_rotary_factor}); memllm needs fully rotary heads"
+            )
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            # A sliding window would hide most of the pool from every layer.
+            raise ModelError(
+                f"{config.model_type} uses sliding-window attention ({config.sliding_window} tokens)",
+                hint="set sliding_window to null in the model's config.json",
+            )
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.config = config
+        self.layers = config.num_hidden_layers
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.max_positions = getattr(config, "max_position_embeddings", None) or 2048
+        self.dtype = next(model.parameters()).dtype
+        self._rotary = rotary
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- positions -------------------------------------------------------------------
+
+    def _cos_sin(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, start + count, device=self.device)[None]  # (1, m)
+        probe = torch.empty(0, dtype=torch.float32, device=self.device)
+        cos, sin = self._rotary(probe, positions)  # (1, m, hd) each
+        return cos[0], sin[0]  # (m, hd)
+
+    def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Apply RoPE for positions start.. to pre-rotary keys (..., m, hd)."""
+        cos, sin = self._cos_sin(start, keys.shape[-2])
+        return keys * cos + rotate_half(keys) * sin  # (..., m, hd)
+
+    def unrotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Invert `rotate`. Divides by cos^2 + sin^2, which is 1 unless the RoPE variant scales."""
+        cos, sin = self._cos_sin(start, keys.shape[-2])
+        return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)  # (..., m, hd)
+
+    # -- the forward pass ----------------------------------------------------------------
+
+    def _cache(self, context: Pool | None) -> DynamicCache:
+        """A KV cache holding `context` at positions 0..m-1 in every layer."""
+        if context is None or len(context) == 0:
+            return DynamicCache()
+        keys = self.rotate(context.keys.to(self.device, torch.float32), 0).to(self.dtype)  # (L, Hkv, m, hd)
+        values = context.values.to(self.device, self.dtype)  # (L, Hkv, m, hd)
+        return DynamicCache([(keys[i][None], values[i][None]) for i in range(self.layers)])
+
+    def _run(self, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int = 0) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids.to(self.device)[None],  # (1, T)
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kw: cache},
+        )
+        return out.logits[0]  # (T or logits_to_keep, V)
+
+    def _check_length(self, context: Pool | None, extra: int) -> None:
+        total = (len(context) if context is not None else 0) + extra
+        if total > self.max_positions:
+            raise ModelError(
+                f"{total} tokens of memory and input exceed the model's window of {self.max_positions}",
+                hint="use a smaller pool or a shorter question",
+            )
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, context: Pool | None = None) -> torch.Tensor:
+        """Logits (T, V) for token ids (T,) read after `context` (the memory prefix)."""
+        self._check_length(context, len(ids))
+        return self._run(ids, self._cache(context)).float()
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, context: Pool | None = None) -> Pool:
+        """Write: one forward over ids (T,) after `context`; the chunk's pre-rotary K/V in every layer."""
+        self._check_length(context, len(ids))
+        m = len(context) if context is not None else 0
+        cache = self._cache(context)
+        self._run(ids, cache, logits_to_keep=1)  # logits unused; the cache now holds m + T tokens
+        keys = torch.stack([layer.keys[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
+        values = torch.stack([layer.values[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
+        return Pool(self.unrotate(keys.float(), m), values.float())
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        context: Pool | None = None,
+        *,
+        max_new_tokens: int = 128,
+        stop_ids: frozenset[int] = frozenset(),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one at a time: greedy when temperature is 0."""
+        self._check_length(context, len(ids) + max_new_tokens)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = self._cache(context)
+        logits = self._run(ids, cache, logits_to_keep=1)[-1]  # (V,)
+        for _ in range(max_new_tokens):
+            token = _pick(logits.float(), temperature, top_p, top_k, generator)
+            if token in stop_ids:
+                return
+            yield token
+            logits = self._run(torch.tensor([token]), cache, logits_to_keep=1)[-1]  # (V,)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature  # (V,)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+

@@ -1,0 +1,44 @@
+"""Domain errors. Raised anywhere below the CLI; the CLI maps each class to an exit code."""
+
+from __future__ import annotations
+
+
+class MemllmError(Exception):
+    """Base class: a one-line message for the user, and an optional hint on what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class InputError(MemllmError):
+    """A path or text the user gave cannot be used (missing, unreadable, binary, empty, not UTF-8)."""
+
+    exit_code = 3
+
+
+class MemoryNotFound(MemllmError):
+    """The named memory does not exist, or holds nothing yet."""
+
+    exit_code = 4
+
+
+class ModelError(MemllmError):
+    """The model cannot be loaded or does not fit the memory (another model wrote it)."""
+
+    exit_code = 5
+
+
+class StoreError(MemllmError):
+    """The stored memory is damaged or was written by a newer memllm."""
+
+    exit_code = 6
+
+
+class Busy(MemllmError):
+    """Another process holds the memory's write lock past the timeout."""
+
+    exit_code = 7

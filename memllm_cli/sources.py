@@ -1,0 +1,134 @@
+"""Turn what the user names (files, folders, globs, `-` for stdin) into text documents.
+
+Everything is read and checked before anything is written, so bad input never leaves a
+memory half-updated. A file named explicitly must be good text or the whole ingest fails;
+inside a folder or a glob, files that are not text are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import InputError
+
+_GLOB_CHARS = set("*?[")
+_SNIFF = 8192
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # what the user sees: the path as found, or "<stdin>"
+    text: str
+    sha256: str  # of the UTF-8 bytes: re-ingesting the same content is a no-op
+
+
+@dataclass
+class Collected:
+    documents: list[Document] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+class _NotText(Exception):
+    pass
+
+
+def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
+    if not paths:
+        raise InputError("nothing to ingest", hint="name files, folders, globs, or - for stdin")
+    result = Collected()
+    seen: set[str] = set()
+
+    def add(name: str, data: bytes) -> None:
+        result.documents.append(Document(name, _decode(data), hashlib.sha256(data).hexdigest()))
+
+    for raw in paths:
+        if raw == "-":
+            if stdin is None:
+                raise InputError("- means standard input, but there is none")
+            try:
+                add("<stdin>", stdin.read())
+            except _NotText as err:
+                raise InputError(f"standard input {err}") from None
+            continue
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = _walk(path)
+            before = len(result.documents)
+            _add_files(found, result, seen, add)
+            if len(result.documents) == before:
+                raise InputError(f"{raw}: no text files in this folder", hint=_skipped_hint(result, raw))
+        elif path.exists():
+            key = str(path.resolve())
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                add(str(path), _read(path))
+            except _NotText as err:
+                raise InputError(f"{raw} {err}") from None
+        elif _GLOB_CHARS & set(raw):
+            matches = [Path(p) for p in sorted(glob.glob(os.path.expanduser(raw), recursive=True))]
+            files = [f for m in matches for f in (_walk(m) if m.is_dir() else [m])]
+            if not files:
+                raise InputError(f"{raw}: no files match this pattern")
+            before = len(result.documents)
+            _add_files(files, result, seen, add)
+            if len(result.documents) == before:
+                raise InputError(f"{raw}: no text files match this pattern", hint=_skipped_hint(result, raw))
+        else:
+            raise InputError(f"{raw}: no such file or directory")
+    return result
+
+
+def _add_files(files, result: Collected, seen: set[str], add) -> None:
+    for file in files:
+        key = str(file.resolve())
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            add(str(file), _read(file))
+        except _NotText as err:
+            result.skipped.append((str(file), str(err).removeprefix("is ")))
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Regular files under `folder`, recursively, sorted, hidden files and folders left out."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+    return out
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise _NotText("is not a regular file")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise _NotText("cannot be read: permission denied") from None
+    except OSError as err:
+        raise _NotText(f"cannot be read: {err.strerror or err}") from None
+
+
+def _decode(data: bytes) -> str:
+    if b"\x00" in data[:_SNIFF]:
+        raise _NotText("is a binary file, not text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _NotText(f"is not valid UTF-8 text (bad byte at offset {err.start})") from None
+    if not text.strip():
+        raise _NotText("is empty")
+    return text
+
+
+def _skipped_hint(result: Collected, prefix: str) -> str | None:
+    reasons = sorted({reason for path, reason in result.skipped if path.startswith(prefix.rstrip("/*"))})
+    return "skipped: " + "; ".join(reasons) if reasons else None
