@@ -205,7 +205,10 @@ def status(
         highlight=False,
     )
     if info["sources"]:
-        table = Table("source", "chunks", "written", "held", "held %", box=None)
+        table = Table(box=None)
+        table.add_column("source", overflow="fold")
+        for column in ("chunks", "written", "held", "held %"):
+            table.add_column(column, justify="right")
         for s in info["sources"]:
             share = s["tokens_held"] / s["tokens_written"] if s["tokens_written"] else 0
             table.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["tokens_held"]), f"{share:.0%}")

@@ -79,7 +79,10 @@ class Answer:
             piece, self.text = text[len(self.text):], text
             if piece:
                 yield piece
-        self.text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > len(self.text) and text.startswith(self.text):
+            yield text[len(self.text):]  # what was held back, even if it ends mid-character
+        self.text = text
         self.seconds = time.perf_counter() - self.started
 
     def to_dict(self) -> dict:
@@ -213,12 +216,10 @@ class Memllm:
         memory = self._load_memory(name, info)
         if memory is None or len(memory) == 0:
             raise MemoryNotFound(f"memory {name!r} is empty", hint="ingest something first: memllm ingest FILE")
-        ids = lm.prompt.question_ids(lm.tokenizer, question)
-        tokens = lm.engine.generate(
-            torch.tensor(ids), memory.context(self.sink()), max_new_tokens=max_new_tokens,
-            stop_ids=_stop_ids(lm), temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        return self.ask_in(
+            memory, question, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, started=started,
         )
-        return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": name}, started)
 
     def ask_with_text(self, question: str, texts: list[str], *, max_new_tokens: int = 256) -> Answer:
         """The prompt baseline: the same texts placed in the prompt instead of memory."""
@@ -230,6 +231,38 @@ class Memllm:
         ids += lm.prompt.question_ids(lm.tokenizer, question)
         tokens = lm.engine.generate(torch.tensor(ids), None, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(lm))
         return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": None}, started)
+
+    # -- memories in RAM (evaluation, benchmarks) ----------------------------------------
+
+    def scratch_memory(self, *, pool_size: int | None = None, write_context: int | None = None,
+                       seed: int | None = None) -> Memory:
+        """An empty memory that lives in RAM only, for the current model."""
+        memory = self._new_memory(self.model(), pool_size=pool_size, write_context=write_context)
+        if seed is not None:
+            memory.seed = seed
+        return memory
+
+    def write_text(self, memory: Memory, text: str, name: str = "<text>") -> int:
+        """Write one document into an in-RAM memory; returns the tokens written."""
+        lm = self.model()
+        source = memory.add_source(name, "")
+        chunks = chunk_document(text, lm.tokenizer, CHUNK_TOKENS)
+        for chunk in chunks:
+            memory.write(lm.engine, self.sink(), chunk.ids, source=source, chunk=chunk.index)
+        return sum(len(c.ids) for c in chunks)
+
+    def ask_in(self, memory: Memory, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               started: float | None = None) -> Answer:
+        """Answer from a given memory (stored or in RAM)."""
+        started = started or time.perf_counter()
+        lm = self.model()
+        ids = lm.prompt.question_ids(lm.tokenizer, question)
+        tokens = lm.engine.generate(
+            torch.tensor(ids), memory.context(self.sink()), max_new_tokens=max_new_tokens,
+            stop_ids=_stop_ids(lm), temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        )
+        return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": self.memory_name}, started)
 
     # -- status ------------------------------------------------------------------------
 
@@ -269,17 +302,19 @@ class Memllm:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _new_memory(self, lm: LoadedModel) -> Memory:
+    def _new_memory(self, lm: LoadedModel, *, pool_size: int | None = None,
+                    write_context: int | None = None) -> Memory:
         sink = len(lm.prompt.sink_ids(lm.tokenizer))
         window = lm.engine.max_positions - sink - ANSWER_RESERVE
-        pool_size = self.settings.pool_size or min(DEFAULT_POOL_SIZE, window)
+        pool_size = pool_size or self.settings.pool_size or min(DEFAULT_POOL_SIZE, window)
         if not CHUNK_TOKENS <= pool_size <= window:
             raise ModelError(
                 f"a pool of {pool_size} tokens does not fit: it must hold one chunk ({CHUNK_TOKENS}) "
                 f"and leave room for a question in the model's window ({lm.engine.max_positions})",
                 hint=f"choose a pool_size between {CHUNK_TOKENS} and {window}",
             )
-        write_context = self.settings.write_context if self.settings.write_context is not None else pool_size
+        if write_context is None:
+            write_context = self.settings.write_context if self.settings.write_context is not None else pool_size
         dtype = "float16" if lm.engine.dtype == torch.float32 else str(lm.engine.dtype).removeprefix("torch.")
         return Memory.empty(lm.engine, pool_size=pool_size, write_context=write_context, dtype=dtype)
 

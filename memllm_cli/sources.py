@@ -57,10 +57,7 @@ def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
             continue
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = _walk(path)
-            before = len(result.documents)
-            _add_files(found, result, seen, add)
-            if len(result.documents) == before:
+            if not _add_files(_walk(path), result, seen, add):
                 raise InputError(f"{raw}: no text files in this folder", hint=_skipped_hint(result, raw))
         elif path.exists():
             key = str(path.resolve())
@@ -76,25 +73,28 @@ def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
             files = [f for m in matches for f in (_walk(m) if m.is_dir() else [m])]
             if not files:
                 raise InputError(f"{raw}: no files match this pattern")
-            before = len(result.documents)
-            _add_files(files, result, seen, add)
-            if len(result.documents) == before:
+            if not _add_files(files, result, seen, add):
                 raise InputError(f"{raw}: no text files match this pattern", hint=_skipped_hint(result, raw))
         else:
             raise InputError(f"{raw}: no such file or directory")
     return result
 
 
-def _add_files(files, result: Collected, seen: set[str], add) -> None:
+def _add_files(files, result: Collected, seen: set[str], add) -> int:
+    """Add the text files among `files`; returns how many are text (already seen ones too)."""
+    texts = 0
     for file in files:
         key = str(file.resolve())
         if key in seen:
+            texts += 1
             continue
         seen.add(key)
         try:
             add(str(file), _read(file))
+            texts += 1
         except _NotText as err:
             result.skipped.append((str(file), str(err).removeprefix("is ")))
+    return texts
 
 
 def _walk(folder: Path) -> list[Path]:

@@ -1,0 +1,101 @@
+"""The `memllm` command through its real entry point, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PARAGRAPH = "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six.\n\n"
+
+
+def memllm(*args, stdin: bytes | None = None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "memllm_cli", *args],
+        input=stdin, capture_output=True, env={**os.environ, **(env or {})}, timeout=300,
+    )
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\nfrom memllm_cli.cli import app\n"
+        "for args in (['--help'], ['--version'], ['ingest', '--help'], ['ask', '--help']):\n"
+        "    try:\n        app(args, prog_name='memllm')\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert "Examples:" in memllm("ingest", "--help").stdout.decode()
+    assert memllm("--version").stdout.decode().startswith("memllm ")
+
+
+def test_ingest_ask_status_round_trip_with_json(tmp_path, env_model):
+    notes = tmp_path / "notes.md"
+    notes.write_text(PARAGRAPH * 2)
+    out = memllm("ingest", "--json", str(notes))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["files"] == 1 and report["chunks"] == 1 and report["tokens_held"] == report["tokens"]
+    assert out.stderr == b""  # no terminal: no progress bar
+
+    again = memllm("ingest", str(notes))
+    assert again.returncode == 0 and b"1 unchanged" in again.stderr
+
+    asked = memllm("ask", "--json", "--max-tokens", "4", "Who coordinates the garden?")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert set(answer) >= {"answer", "model", "memory", "tokens", "seconds"}
+    assert answer["memory"] == "default" and answer["tokens"] == 4
+
+    streamed = memllm("ask", "--max-tokens", "4", "Who coordinates the garden?")
+    assert streamed.returncode == 0 and streamed.stdout.decode().strip() == answer["answer"]
+
+    status = json.loads(memllm("status", "--json").stdout)
+    assert status["tokens"] == report["tokens"] and status["sources"][0]["name"] == str(notes)
+    assert "notes.md" in memllm("status").stdout.decode()
+
+
+def test_stdin_ingest_and_named_memory(env_model):
+    out = memllm("-m", "work", "ingest", "-", stdin=PARAGRAPH.encode())
+    assert out.returncode == 0, out.stderr
+    status = json.loads(memllm("status", "--json", env={"MEMLLM_MEMORY": "work"}).stdout)
+    assert status["memory"] == "work" and status["sources"][0]["name"] == "<stdin>"
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["ingest", "/nonexistent/notes.txt"], 3, "memllm: error: /nonexistent/notes.txt: no such file or directory"),
+        (["ask", "anything?"], 4, "memllm: error: no memory named 'default'"),
+        (["-m", "../x", "status"], 4, "memllm: error: invalid memory name '../x'"),
+        (["--model", "/nonexistent-model", "ingest", "-"], 5, "memllm: error: model not found: /nonexistent-model"),
+        (["ask", "--temperature", "-1", "q"], 2, ""),
+    ],
+)
+def test_errors_have_one_clear_line_and_an_exit_code(args, code, message, env_model):
+    out = memllm(*args, stdin=b"some text")
+    assert out.returncode == code
+    assert out.stdout == b""
+    assert message in out.stderr.decode()
+    assert b"Traceback" not in out.stderr
+
+
+def test_bad_files(tmp_path, env_model):
+    binary = tmp_path / "image.png"
+    binary.write_bytes(b"\x89PNG\x00\x00\x01")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9")
+    for path, reason in [(binary, "is a binary file"), (empty, "is empty"), (latin1, "is not valid UTF-8")]:
+        out = memllm("ingest", str(path))
+        assert out.returncode == 3 and reason in out.stderr.decode()
+    assert memllm("status").returncode == 4  # nothing was created
+
+
+def test_a_memory_written_by_another_model(tmp_path, env_model, other_tiny_dir):
+    (tmp_path / "a.txt").write_text(PARAGRAPH)
+    assert memllm("ingest", str(tmp_path / "a.txt")).returncode == 0
+    out = memllm("--model", str(other_tiny_dir), "ask", "who?")
+    assert out.returncode == 5 and b"was written by model" in out.stderr and b"hint: use --model" in out.stderr

@@ -1,0 +1,135 @@
+"""The Python API on tiny random models (no download)."""
+
+import pytest
+import torch
+
+from memllm_cli.errors import InputError, MemoryNotFound, ModelError
+from memllm_cli.service import Memllm
+from memllm_cli.sources import Document
+
+
+def doc(name, text):
+    import hashlib
+
+    return Document(name, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+PARAGRAPH = "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six. " * 3
+
+
+def test_ingest_then_ask_and_status(tmp_path, tiny_dir):
+    (tmp_path / "notes.txt").write_text(PARAGRAPH)
+    service = Memllm(model=str(tiny_dir), memory="notes")
+    report = service.ingest([str(tmp_path / "notes.txt")])
+    assert report.files == 1 and report.chunks == 1 and report.tokens == report.tokens_held > 0
+    answer = service.ask("Who coordinates?", max_new_tokens=5)
+    pieces = list(answer)
+    assert "".join(pieces) == answer.text and len(answer.ids) == 5
+    status = Memllm(memory="notes").status()
+    assert status["tokens"] == report.tokens and status["updates"] == 1
+    assert status["sources"][0]["tokens_held"] == status["sources"][0]["tokens_written"] == report.tokens
+    assert status["model"] == str(tiny_dir)
+
+
+def test_memory_answers_equal_prompt_answers_when_nothing_is_dropped(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=2048)
+    texts = [PARAGRAPH, "The tool shed code is 4172. " * 5, "Paris is the capital of France. " * 4]
+    service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(texts)])
+    from_memory = service.ask("What is the code?", max_new_tokens=8)
+    from_prompt = service.ask_with_text("What is the code?", texts, max_new_tokens=8)
+    "".join(from_memory), "".join(from_prompt)
+    assert from_memory.ids == from_prompt.ids
+
+
+def test_reingesting_unchanged_content_is_a_no_op_unless_forced(tiny_dir):
+    service = Memllm(model=str(tiny_dir))
+    first = service.ingest_documents([doc("a", PARAGRAPH)])
+    again = service.ingest_documents([doc("a-copy", PARAGRAPH)])
+    assert again.chunks == 0 and again.unchanged == ["a-copy"] and again.tokens_held == first.tokens_held
+    forced = service.ingest_documents([doc("a", PARAGRAPH)], force=True)
+    assert forced.tokens_held == 2 * first.tokens_held
+
+
+def test_pool_never_exceeds_its_size_and_drops_uniformly(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=512, write_context=128)
+    docs = [doc(f"d{i}", f"Document {i}. " + PARAGRAPH) for i in range(12)]
+    report = service.ingest_documents(docs)
+    status = service.status()
+    assert status["tokens"] == 512 == report.tokens_held
+    assert report.dropped == report.tokens - 512
+    held = [s["tokens_held"] for s in status["sources"]]
+    assert sum(held) == 512 and held[-1] == status["sources"][-1]["tokens_written"]  # the newest is whole
+    assert held[0] < status["sources"][0]["tokens_written"]
+
+
+def test_same_seed_same_updates_give_a_bit_identical_pool(tiny_dir):
+    def build():
+        service = Memllm(model=str(tiny_dir))
+        memory = service.scratch_memory(pool_size=512, write_context=64, seed=7)
+        for i in range(6):
+            service.write_text(memory, f"Note {i}. " + PARAGRAPH * 3)
+        return memory
+
+    one, two = build(), build()
+    assert torch.equal(one.pool.keys, two.pool.keys) and torch.equal(one.pool.values, two.pool.values)
+    assert one.updates == two.updates and sum(u["dropped"] for u in one.updates) > 0
+
+
+def test_ask_before_anything_was_ingested(tiny_dir):
+    with pytest.raises(MemoryNotFound, match="no memory named 'default'"):
+        Memllm(model=str(tiny_dir)).ask("anything?")
+
+
+def test_empty_question(tiny_dir):
+    Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])
+    with pytest.raises(InputError, match="the question is empty"):
+        Memllm(model=str(tiny_dir)).ask("   ")
+
+
+def test_a_memory_refuses_another_model(tiny_dir, other_tiny_dir):
+    Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])
+    with pytest.raises(ModelError, match="was written by model"):
+        Memllm(model=str(other_tiny_dir)).ask("who?")
+    with pytest.raises(ModelError, match="was written by model"):
+        Memllm(model=str(other_tiny_dir)).ingest_documents([doc("b", "other text")])
+
+
+def test_the_memory_remembers_its_model(tiny_dir):
+    Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])
+    service = Memllm()  # no model named: the memory's own, not the embedded default
+    answer = service.ask("who?", max_new_tokens=3)
+    list(answer)
+    assert service.model().name == str(tiny_dir) and len(answer.ids) == 3
+
+
+def test_base_model_without_chat_template(tiny_qwen_dir):
+    service = Memllm(model=str(tiny_qwen_dir))
+    service.ingest_documents([doc("a", PARAGRAPH)])
+    answer = service.ask("who?", max_new_tokens=4)
+    list(answer)
+    assert len(answer.ids) == 4
+    assert service.model().prompt.chat is False
+
+
+def test_pool_size_must_hold_a_chunk(tiny_dir):
+    with pytest.raises(ModelError, match="does not fit"):
+        Memllm(model=str(tiny_dir), pool_size=100).ingest_documents([doc("a", PARAGRAPH)])
+
+
+def test_interrupted_ingest_keeps_the_last_commit(tiny_dir, monkeypatch):
+    service = Memllm(model=str(tiny_dir))
+    service.ingest_documents([doc("a", PARAGRAPH)])
+    before = service.status()
+    calls = {"n": 0}
+    original = type(service.model().engine).encode
+
+    def interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(service.model().engine), "encode", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        service.ingest_documents([doc("b", "Second. " * 30), doc("c", "Third. " * 30)])
+    assert Memllm().status() == before
