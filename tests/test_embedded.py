@@ -1,0 +1,60 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (real weights, CPU). Marked slow; CI runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memllm_cli.qa import Score, load_items
+from memllm_cli.service import Memllm
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEMLLM_DATA_DIR", ROOT.parent / "shared" / "data")) / "nq-open-oracle.jsonl.gz"
+
+
+@pytest.fixture(autouse=True)
+def shared_model_cache(monkeypatch):
+    # The converted model is shared between tests (and runs): converting takes ~20 s.
+    monkeypatch.delenv("MEMLLM_CACHE", raising=False)
+
+
+def memllm(*args):
+    return subprocess.run([sys.executable, "-m", "memllm_cli", *args], capture_output=True, timeout=600)
+
+
+def test_quick_start_sample_is_answered_from_memory():
+    out = memllm("ingest", str(ROOT / "examples" / "garden-notes.md"))
+    assert out.returncode == 0, out.stderr.decode()
+    asked = memllm("ask", "--json", "What is the tool shed code?")
+    assert asked.returncode == 0, asked.stderr.decode()
+    assert "4172" in json.loads(asked.stdout)["answer"]
+
+
+def test_closed_book_does_not_know_the_sample():
+    # The sample is fictional: the answer above comes from memory, not from the weights.
+    service = Memllm()
+    answer = service.ask_with_text("What is the tool shed code?", [], max_new_tokens=32)
+    assert "4172" not in "".join(answer)
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"evaluation data not found at {DATA}")
+def test_eight_passages_in_memory_reach_80_percent_of_the_prompt_baseline():
+    items = load_items(DATA, range(0, 16))  # development rows only (see shared/data/SOURCES.md)
+    service = Memllm()
+    memory_score, prompt_score = Score(), Score()
+    for group in (items[:8], items[8:]):
+        memory = service.scratch_memory(seed=0)
+        for item in group:
+            service.write_text(memory, item.passage)
+        assert len(memory) == sum(u["tokens"] for u in memory.updates)  # nothing dropped
+        passages = [item.passage for item in group]
+        for item in group:
+            memory_score.add(item, "".join(service.ask_in(memory, item.question, max_new_tokens=32)))
+            prompt_score.add(item, "".join(service.ask_with_text(item.question, passages, max_new_tokens=32)))
+    assert prompt_score.correct >= 4, prompt_score.details  # the baseline itself is meaningful
+    assert memory_score.correct >= 0.8 * prompt_score.correct, (memory_score.details, prompt_score.details)
