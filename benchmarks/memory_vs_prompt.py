@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from memllm_cli import prompts
+from memllm_cli.engine import Pool
 from memllm_cli.qa import Score, load_items
 from memllm_cli.service import Memllm
 
@@ -69,22 +72,42 @@ def main() -> None:
         for item in group:
             yield item, "".join(service.ask_with_text(item.question, [], max_new_tokens=args.max_new_tokens))
 
-    def answers_memory(write_context):
+    def answers_memory(spec):
+        # spec: "all" or a number of pool tokens each chunk is written after, optionally with
+        # "-nosink" (no pinned prefix at all) or "-truepos" (each chunk rotated at the position
+        # it will be read at, instead of right after its write context).
+        wc, _, variant = spec.partition("-")
+        write_context = None if wc == "all" else int(wc)
+
         def answer(group):
+            lm = service.model()
+            service._sink = None
+            if variant == "nosink":
+                service._sink = Pool.empty(lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, torch.float32)
             memory = service.scratch_memory(write_context=write_context, seed=0)
-            for item in group:
-                service.write_text(memory, item.passage)
+            original = lm.engine.encode
+            if variant == "truepos":
+                sink = len(service.sink())
+                lm.engine.encode = lambda ids, context=None, start=None: original(
+                    ids, context, start=sink + len(memory)
+                )
+            try:
+                for item in group:
+                    service.write_text(memory, item.passage)
+            finally:
+                lm.engine.encode = original
             for item in group:
                 yield item, "".join(service.ask_in(memory, item.question, max_new_tokens=args.max_new_tokens))
+            service._sink = None
+
         return answer
 
     if args.closed_book:
         run("closed book", answers_closed)
     if not args.no_prompt:
         run(f"prompt, {args.group} passages", answers_prompt)
-    for wc in args.write_context:
-        write_context = None if wc == "all" else int(wc)
-        run(f"memory, write context {wc}", answers_memory(write_context))
+    for spec in args.write_context:
+        run(f"memory, write context {spec}", answers_memory(spec))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=2))

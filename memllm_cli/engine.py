@@ -171,12 +171,18 @@ class MemoryModel:
         values = context.values.to(self.device, self.dtype)  # (L, Hkv, m, hd)
         return DynamicCache([(keys[i][None], values[i][None]) for i in range(self.layers)])
 
-    def _run(self, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int = 0) -> torch.Tensor:
+    def _run(
+        self, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int = 0, start: int | None = None
+    ) -> torch.Tensor:
+        extra = {}
+        if start is not None:  # rotary positions other than "right after the cache"
+            extra["position_ids"] = torch.arange(start, start + len(ids), device=self.device)[None]
         out = self.model(
             input_ids=ids.to(self.device)[None],  # (1, T)
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **{self._cache_kw: cache},
+            **extra,
         )
         return out.logits[0]  # (T or logits_to_keep, V)
 
@@ -195,15 +201,20 @@ class MemoryModel:
         return self._run(ids, self._cache(context)).float()
 
     @torch.inference_mode()
-    def encode(self, ids: torch.Tensor, context: Pool | None = None) -> Pool:
-        """Write: one forward over ids (T,) after `context`; the chunk's pre-rotary K/V in every layer."""
-        self._check_length(context, len(ids))
+    def encode(self, ids: torch.Tensor, context: Pool | None = None, start: int | None = None) -> Pool:
+        """Write: one forward over ids (T,) after `context`; the chunk's pre-rotary K/V in every layer.
+
+        The chunk sits at positions m..m+T-1 right after the context, unless `start` places
+        it elsewhere (used by the experiments in benchmarks/, not by memllm itself).
+        """
         m = len(context) if context is not None else 0
+        start = m if start is None else start
+        self._check_length(None, start + len(ids))
         cache = self._cache(context)
-        self._run(ids, cache, logits_to_keep=1)  # logits unused; the cache now holds m + T tokens
+        self._run(ids, cache, logits_to_keep=1, start=start)  # logits unused; the cache now holds m + T tokens
         keys = torch.stack([layer.keys[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
         values = torch.stack([layer.values[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
-        return Pool(self.unrotate(keys.float(), m), values.float())
+        return Pool(self.unrotate(keys.float(), start), values.float())
 
     @torch.inference_mode()
     def generate(

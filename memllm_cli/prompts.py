@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _MARK = "\u2063MEMLLM\u2063"  # an invisible separator that no template or user text contains
-QUESTION = "Question: {question}"
+QUESTION = "Answer the question using the text above.\nQuestion: {question}"
 
 
 @dataclass(frozen=True)

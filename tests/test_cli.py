@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,43 @@ def test_a_memory_written_by_another_model(tmp_path, env_model, other_tiny_dir):
     assert memllm("ingest", str(tmp_path / "a.txt")).returncode == 0
     out = memllm("--model", str(other_tiny_dir), "ask", "who?")
     assert out.returncode == 5 and b"was written by model" in out.stderr and b"hint: use --model" in out.stderr
+
+
+def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_model):
+    import signal
+    import time
+
+    (tmp_path / "first.txt").write_text(PARAGRAPH)
+    assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
+    before = json.loads(memllm("status", "--json").stdout)
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(3000)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _locked(lock):
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert json.loads(memllm("status", "--json").stdout) == before
+
+
+def _locked(path):
+    import fcntl
+
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
