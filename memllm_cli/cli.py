@@ -55,6 +55,12 @@ def handle_errors(command):
             if err.hint:
                 _err(f"memllm: hint: {err.hint}")
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:  # the disk, not memllm: full, read-only, no permission
+            if debug:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            _err(f"memllm: error: {err.strerror or err}{where}")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if debug:
                 raise

@@ -161,13 +161,12 @@ class Memllm:
                 name, 0, 0, 0, 0, 0.0, len(memory), memory.pool_size,
                 skipped=[{"path": p, "reason": r} for p, r in collected.skipped],
             )
-            plan = []
+            plan, planned = [], set()
             for doc in collected.documents:
-                if memory.has_content(doc.sha256) and not force:
-                    report.unchanged.append(doc.name)
-                elif any(d.sha256 == doc.sha256 for d, _ in plan):
+                if doc.sha256 in planned or (memory.has_content(doc.sha256) and not force):
                     report.unchanged.append(doc.name)
                 else:
+                    planned.add(doc.sha256)
                     plan.append((doc, chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)))
             total = sum(len(c.ids) for _, chunks in plan for c in chunks)
             progress.start(total, f"ingesting into {name}")
@@ -212,10 +211,10 @@ class Memllm:
             raise InputError("the question is empty")
         name = self.memory_name
         info = self.store.info(name)
-        self.model(info)
         memory = self._load_memory(name, info)
         if memory is None or len(memory) == 0:
             raise MemoryNotFound(f"memory {name!r} is empty", hint="ingest something first: memllm ingest FILE")
+        self.model(info)  # checks that this model wrote the memory
         return self.ask_in(
             memory, question, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, started=started,

@@ -140,3 +140,29 @@ def _locked(path):
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
         return False
+
+
+def test_an_unusable_home_is_one_line_not_a_traceback(tmp_path, env_model):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = memllm("ingest", "-", stdin=PARAGRAPH.encode(), env={"MEMLLM_HOME": str(blocker / "home")})
+    assert out.returncode == 1
+    assert out.stderr.decode().startswith("memllm: error: Not a directory")
+    assert b"Traceback" not in out.stderr
+
+
+def test_two_ingests_at_once_both_land(tmp_path, env_model):
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"job{i}.txt")
+        files[-1].write_text(f"Job {i} wrote this. " + PARAGRAPH)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", "--json", str(f)], stdout=subprocess.PIPE)
+        for f in files
+    ]
+    reports = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    status = json.loads(memllm("status", "--json").stdout)
+    assert status["updates"] == 2
+    assert status["tokens"] == sum(r["tokens"] for r in reports)
+    assert sorted(s["name"] for s in status["sources"]) == sorted(str(f) for f in files)
