@@ -16,7 +16,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import MemllmError
+from .errors import ConfigError
 
 APP = "memllm"
 DEFAULT_MEMORY = "default"
@@ -64,10 +64,10 @@ def _read_config(path: Path) -> dict:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise MemllmError(f"cannot read config file {path}: {err}") from None
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
     unknown = set(data) - _KEYS
     if unknown:
-        raise MemllmError(
+        raise ConfigError(
             f"unknown key(s) in {path}: {', '.join(sorted(unknown))}",
             hint=f"known keys: {', '.join(sorted(_KEYS))}",
         )

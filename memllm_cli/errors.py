@@ -14,6 +14,12 @@ class MemllmError(Exception):
         self.hint = hint
 
 
+class ConfigError(MemllmError):
+    """The config file cannot be read or has unknown keys."""
+
+    exit_code = 2
+
+
 class InputError(MemllmError):
     """A path or text the user gave cannot be used (missing, unreadable, binary, empty, not UTF-8)."""
 
