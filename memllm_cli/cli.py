@@ -222,6 +222,227 @@ def status(
         console.print(table)
 
 
+@app.command("log")
+@handle_errors
+def log_(
+    ctx: typer.Context,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Show at most N versions.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the memory's versions, newest first: id, time, operation, tokens added and dropped.
+
+    Examples:
+      memllm log -n 5
+      memllm -m work log --json
+    """
+    entries = _service(ctx).log(limit)
+    if as_json:
+        _print_json(entries)
+        return
+    for e in entries:
+        tags = f" ({', '.join(e['tags'])})" if e["tags"] else ""
+        print(f"{e['version'][:12]}  {e['time']}  {e['op']:<8}  +{e['added']} -{e['dropped']} "
+              f"= {e['tokens']} tokens  {e['message']}{tags}")
+
+
+snapshot_app = typer.Typer(help="Name versions of the memory, list them, roll back to them.", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
+
+
+@snapshot_app.command("create")
+@handle_errors
+def snapshot_create(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Snapshot name (default: snapshot-<time>).")] = None,
+    message: Annotated[str, typer.Option("--message", "-m", help="A note kept with the snapshot.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Name the current version.
+
+    Examples:
+      memllm snapshot create before-import -m "before importing the wiki"
+    """
+    result = _service(ctx).snapshot_create(name, message)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"snapshot {result['snapshot']} = version {result['version'][:12]}")
+
+
+@snapshot_app.command("list")
+@handle_errors
+def snapshot_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List snapshots.
+
+    Examples:
+      memllm snapshot list
+    """
+    snapshots = _service(ctx).snapshot_list()
+    if as_json:
+        _print_json(snapshots)
+        return
+    for snap in snapshots:
+        print(f"{snap['snapshot']}  {snap['version'][:12]}  {snap['time']}  {snap['tokens']} tokens  {snap['message']}")
+
+
+@snapshot_app.command("delete")
+@handle_errors
+def snapshot_delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Snapshot to delete (the version stays).")],
+) -> None:
+    """Delete a snapshot name. The version it named stays until gc finds nothing refers to it.
+
+    Examples:
+      memllm snapshot delete before-import
+    """
+    result = _service(ctx).snapshot_delete(name)
+    print(f"deleted snapshot {result['deleted']}")
+
+
+@snapshot_app.command("rollback")
+@handle_errors
+def snapshot_rollback(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="A snapshot, a version id (prefix), or HEAD~N.")] = "HEAD~1",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (required without a terminal).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would change.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Make an earlier version current again. The rollback is itself a version: undo it
+    with `memllm snapshot rollback HEAD~1`.
+
+    Examples:
+      memllm snapshot rollback before-import --dry-run
+      memllm snapshot rollback HEAD~3 --yes
+    """
+    service = _service(ctx)
+    plan = service.rollback(target, dry_run=True)
+    if not as_json:
+        _err(f"memllm: rollback {plan['from'][:12]} -> {plan['to'][:12]} ({target}): "
+             f"+{plan['diff']['totals']['added']} -{plan['diff']['totals']['dropped']} tokens")
+    if dry_run or plan["from"] == plan["to"]:
+        if as_json:
+            _print_json(plan)
+        elif plan["from"] == plan["to"]:
+            _err("memllm: already there; nothing to do")
+        return
+    if not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()) or as_json:
+            _err("memllm: error: rollback changes the memory; pass --yes to confirm (or --dry-run)")
+            raise typer.Exit(2)
+        if not typer.confirm("Roll back?", err=True):
+            raise typer.Exit(1)
+    result = service.rollback(target)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"HEAD is now {result['version'][:12]} (the pool of {result['to'][:12]})")
+
+
+@app.command()
+@handle_errors
+def diff(
+    ctx: typer.Context,
+    a: Annotated[str, typer.Argument(help="Older version (snapshot, id prefix, HEAD~N).")] = "HEAD~1",
+    b: Annotated[str, typer.Argument(help="Newer version.")] = "HEAD",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compare two versions per source document: tokens added, dropped, held, share retained.
+
+    Examples:
+      memllm diff
+      memllm diff before-import HEAD --json
+    """
+    result = _service(ctx).diff(a, b)
+    if as_json:
+        _print_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, title=f"{result['from'][:12]} -> {result['to'][:12]}")
+    table.add_column("source", overflow="fold")
+    for column in ("added", "dropped", "held", "retained"):
+        table.add_column(column, justify="right")
+    for row in result["sources"]:
+        table.add_row(row["source"], str(row["added"]), str(row["dropped"]), str(row["held"]),
+                      f"{row['retained']:.0%}")
+    t = result["totals"]
+    table.add_row("total", str(t["added"]), str(t["dropped"]), str(t["held"]), "", style="bold")
+    Console().print(table)
+
+
+@app.command()
+@handle_errors
+def forget(
+    ctx: typer.Context,
+    sources: Annotated[list[str], typer.Argument(help="Documents, by path as ingested or content hash (8+ hex).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Remove documents' tokens from memory, as a new version (undo with a rollback).
+
+    Examples:
+      memllm forget notes/old-plan.md
+      memllm forget 3fa2c1d9
+    """
+    result = _service(ctx).forget(sources)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"forgot {', '.join(result['forgotten'])}: {result['tokens_removed']} tokens removed, "
+              f"{result['tokens']} held; version {result['version'][:12]}")
+
+
+@app.command()
+@handle_errors
+def verify(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check every block's and version's checksum, every reference, and the refs.
+    Exits 6 and lists what is damaged if anything is.
+
+    Examples:
+      memllm verify && echo intact
+    """
+    result = _service(ctx).verify()
+    if as_json:
+        _print_json(result)
+    else:
+        c = result["checked"]
+        print(f"checked {c['blocks']} blocks, {c['versions']} versions, {c['refs']} refs: "
+              + ("intact" if result["ok"] else f"{len(result['damaged'])} problem(s)"))
+        for line in result["damaged"]:
+            _err(f"memllm: damaged: {line}")
+    if not result["ok"]:
+        raise typer.Exit(6)
+
+
+@app.command()
+@handle_errors
+def gc(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be deleted.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Delete versions no snapshot or HEAD reaches, and blocks no remaining version uses.
+
+    Examples:
+      memllm gc --dry-run
+    """
+    result = _service(ctx).gc(dry_run=dry_run)
+    if as_json:
+        _print_json(result)
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        print(f"{verb} {result['versions_deleted']} versions and {result['blocks_deleted']} blocks"
+              + ("" if dry_run else f", {_size(result['bytes_freed'])} freed"))
+
+
 def _log_to_stderr() -> None:
     import logging
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -20,12 +21,13 @@ from . import __version__
 from .chunking import chunk_document
 from .config import Settings, load_settings
 from .engine import Pool
-from .errors import InputError, MemoryNotFound, ModelError
-from .memory import DTYPES, Memory
+from .errors import InputError, MemoryNotFound, ModelError, StoreError
+from .memory import DTYPES, Memory, now
+from .migrations import migrate
 from .models import EMBEDDED, LoadedModel, load_model
 from .progress import NoProgress, Progress
 from .sources import Collected, Document, collect
-from .store import Store
+from .store import FORMAT, Store
 
 KIND = "training-free"
 CHUNK_TOKENS = 512  # tokens per update at most (the MemoryLLM setting)
@@ -150,9 +152,9 @@ class Memllm:
         started = time.perf_counter()
         name = self.memory_name
         with self.store.lock(name, self.settings.lock_timeout):
-            info = self.store.info(name) if self.store.exists(name) else None
+            info = self._open(name, locked=True) if self.store.exists(name) else None
             lm = self.model(info)
-            memory = self._load_memory(name, info) if info else None
+            memory = self._load_memory(name) if info else None
             if memory is None:
                 memory = self._new_memory(lm)
                 if info is None:
@@ -176,19 +178,21 @@ class Memllm:
                 for doc, chunks in plan:
                     source = memory.add_source(doc.name, doc.sha256)
                     for chunk in chunks:
-                        update = memory.write(lm.engine, sink, chunk.ids, source=source, chunk=chunk.index)
+                        update = memory.write(
+                            lm.engine, sink, chunk.ids, source=source, chunk=chunk.index, span=(chunk.start, chunk.end)
+                        )
                         report.chunks += 1
                         report.tokens += update["tokens"]
                         report.dropped += update["dropped"]
                         progress.advance(update["tokens"], doc.name)
                     report.files += 1
                     if time.perf_counter() - last_commit > CHECKPOINT_SECONDS:
-                        self._commit(name, memory)
+                        self._commit(name, memory, "ingest", _ingest_message(memory))
                         last_commit = time.perf_counter()
             finally:
                 progress.finish()
-            if plan:
-                self._commit(name, memory)
+            if memory.updates:
+                self._commit(name, memory, "ingest", _ingest_message(memory))
         report.tokens_held = len(memory)
         report.seconds = time.perf_counter() - started
         return report
@@ -210,8 +214,8 @@ class Memllm:
         if not question.strip():
             raise InputError("the question is empty")
         name = self.memory_name
-        info = self.store.info(name)
-        memory = self._load_memory(name, info)
+        info = self._open(name)
+        memory = self._load_memory(name)
         if memory is None or len(memory) == 0:
             raise MemoryNotFound(f"memory {name!r} is empty", hint="ingest something first: memllm ingest FILE")
         self.model(info)  # checks that this model wrote the memory
@@ -237,6 +241,7 @@ class Memllm:
                        seed: int | None = None) -> Memory:
         """An empty memory that lives in RAM only, for the current model."""
         memory = self._new_memory(self.model(), pool_size=pool_size, write_context=write_context)
+        memory.keep_blocks = False
         if seed is not None:
             memory.seed = seed
         return memory
@@ -268,33 +273,174 @@ class Memllm:
     def status(self) -> dict:
         """What the memory holds; reads the store only (no model is loaded)."""
         name = self.memory_name
-        info = self.store.info(name)
-        record = self.store.read_pool(name)
-        memory = Memory.from_record(*record) if record else None
+        info = self._open(name)
+        memory = self._load_memory(name, states=False)
         held = memory.held_per_source() if memory else []
-        sources = memory.sources if memory else []
         n = len(memory) if memory else 0
         pool_size = memory.pool_size if memory else info["pool_size"]
+        live = [(s, held[i]) for i, s in enumerate(memory.sources if memory else []) if not s.get("forgotten")]
         return {
             "memory": name,
             "model": info["model"]["name"],
             "fingerprint": info["model"]["fingerprint"][:16],
             "kind": info.get("kind", KIND),
+            "version": memory.head if memory else None,
             "pool_size": pool_size,
             "tokens": n,
             "fill": round(n / pool_size, 4),
-            "updates": len(memory.updates) if memory else 0,
-            "dropped": sum(u["dropped"] for u in memory.updates) if memory else 0,
+            "updates": memory.update_count if memory else 0,
+            "dropped": sum(s["tokens"] - h for s, h in live),
             "dtype": info.get("dtype"),
             "write_context": info.get("write_context"),
             "disk_bytes": self.store.disk_bytes(name),
             "created": info.get("created"),
             "sources": [
                 {"name": s["name"], "sha256": s["sha256"], "chunks": s["chunks"],
-                 "tokens_written": s["tokens"], "tokens_held": held[i]}
-                for i, s in enumerate(sources)
+                 "tokens_written": s["tokens"], "tokens_held": h}
+                for s, h in live
             ],
         }
+
+    # -- versions ----------------------------------------------------------------------
+
+    def log(self, limit: int | None = None) -> list[dict]:
+        """Versions from HEAD back through their parents, newest first."""
+        name = self.memory_name
+        self._open(name)
+        tags: dict[str, list[str]] = {}
+        for tag, version in self.store.tags(name).items():
+            tags.setdefault(version, []).append(tag)
+        out, version = [], self.store.head(name)
+        while version and (limit is None or len(out) < limit):
+            meta = self.store.version_meta(name, version)
+            out.append({"version": version, "time": meta["time"], "op": meta["op"], "message": meta["message"],
+                        "tags": tags.get(version, []), **meta["stats"]})
+            version = meta.get("parent")
+        return out
+
+    def snapshot_create(self, tag: str | None = None, message: str = "") -> dict:
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            version = self.store.resolve(name, "HEAD")
+            tag = tag or "snapshot-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            if tag in self.store.tags(name):
+                raise InputError(f"a snapshot named {tag!r} exists", hint="delete it first or choose another name")
+            self.store.set_tag(name, tag, version)
+            self.store.log_operation(name, {"time": now(), "op": "snapshot", "tag": tag, "version": version,
+                                            "message": message})
+        return {"snapshot": tag, "version": version, "message": message}
+
+    def snapshot_list(self) -> list[dict]:
+        name = self.memory_name
+        self._open(name)
+        messages = {e.get("tag"): e.get("message", "") for e in self.store.journal(name) if e.get("op") == "snapshot"}
+        out = []
+        for tag, version in self.store.tags(name).items():
+            meta = self.store.version_meta(name, version)
+            out.append({"snapshot": tag, "version": version, "time": meta["time"], "tokens": meta["stats"]["tokens"],
+                        "message": messages.get(tag, "")})
+        return out
+
+    def snapshot_delete(self, tag: str) -> dict:
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            version = self.store.tags(name).get(tag)
+            self.store.delete_tag(name, tag)
+            self.store.log_operation(name, {"time": now(), "op": "snapshot-delete", "tag": tag, "version": version})
+        return {"deleted": tag, "version": version}
+
+    def rollback(self, target: str, *, dry_run: bool = False) -> dict:
+        """Make `target`'s pool the new HEAD, as a new version (so a rollback can be rolled back)."""
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            head, version = self.store.resolve(name, "HEAD"), self.store.resolve(name, target)
+            plan = {"from": head, "to": version, "target": target, "diff": self._diff(name, head, version),
+                    "dry_run": dry_run}
+            if dry_run or head == version:
+                return {**plan, "version": head}
+            tensors, meta = self.store.read_version(name, version)
+            meta = {**meta, "parent": head, "op": "rollback", "time": now(), "message": f"rollback to {target}",
+                    "updates": [], "target": version,
+                    "stats": {"tokens": meta["stats"]["tokens"], "added": plan["diff"]["totals"]["added"],
+                              "dropped": plan["diff"]["totals"]["dropped"]}}
+            new = self.store.write_version(name, tensors, meta)
+            self.store.set_head(name, new)
+            self.store.log_operation(name, {"time": meta["time"], "op": "rollback", "version": new, "parent": head,
+                                            "target": version, "message": meta["message"]})
+        return {**plan, "version": new}
+
+    def diff(self, a: str = "HEAD~1", b: str = "HEAD") -> dict:
+        """Per source document: tokens added, dropped and held between two versions."""
+        name = self.memory_name
+        self._open(name)
+        return self._diff(name, self.store.resolve(name, a), self.store.resolve(name, b))
+
+    def _diff(self, name: str, a: str, b: str) -> dict:
+        sides = []
+        for version in (a, b):
+            tensors, meta = self.store.read_version(name, version)
+            keys = {}
+            for blk, row, src in zip(tensors["block"].tolist(), tensors["row"].tolist(), tensors["source"].tolist(),
+                                     strict=True):
+                source = meta["sources"][src]
+                keys[(meta["blocks"][blk], row)] = (source["sha256"], source["name"])
+            written = {s["sha256"]: s["tokens"] for s in meta["sources"]}
+            sides.append((keys, written))
+        (old, _), (new, written) = sides
+        rows: dict[str, dict] = {}
+        for key, (sha, source) in {**old, **new}.items():
+            row = rows.setdefault(sha, {"source": source, "sha256": sha, "added": 0, "dropped": 0, "held": 0,
+                                        "written": written.get(sha, 0)})
+            row["added"] += key in new and key not in old
+            row["dropped"] += key in old and key not in new
+            row["held"] += key in new
+        for row in rows.values():
+            row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
+        totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
+        return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals}
+
+    def forget(self, sources: list[str]) -> dict:
+        """A new version without these documents' tokens (by path as ingested, or content hash)."""
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            memory = self._load_memory(name, states=False)
+            if memory is None:
+                raise MemoryNotFound(f"memory {name!r} is empty")
+            chosen = _match_sources(memory.sources, sources)
+            held = memory.forget(set(chosen))
+            names = [memory.sources[i]["name"] for i in chosen]
+            version = self._commit(name, memory, "forget", "forget " + ", ".join(names), forgotten=names)
+        return {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(memory)}
+
+    def verify(self) -> dict:
+        name = self.memory_name
+        self.store.info(name)
+        report = self.store.verify(name)
+        return {"memory": name, "ok": report.ok, "damaged": report.damaged, "checked": report.checked,
+                "head": self.store.head(name) if report.ok else None}
+
+    def gc(self, *, dry_run: bool = False) -> dict:
+        """Delete versions no ref reaches and blocks no kept version uses."""
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            keep = self.store.reachable(name)
+            versions = [v for v in self.store.versions(name) if v not in keep]
+            used = {b for v in keep for b in self.store.version_meta(name, v).get("blocks", [])}
+            blocks = [b for b in self.store.blocks(name) if b not in used]
+            freed = 0
+            if not dry_run:
+                freed += self.store.delete_objects(name, "versions", versions)
+                freed += self.store.delete_objects(name, "blocks", blocks)
+                freed += self.store.remove_temporaries(name)
+                self.store.log_operation(name, {"time": now(), "op": "gc", "versions": len(versions),
+                                                "blocks": len(blocks), "bytes": freed})
+        return {"versions_deleted": len(versions), "blocks_deleted": len(blocks), "bytes_freed": freed,
+                "dry_run": dry_run}
 
     def memories(self) -> list[str]:
         return self.store.names()
@@ -329,19 +475,88 @@ class Memllm:
             "memllm": __version__,
         }
         self.store.create(name, info)
+        self.store.log_operation(name, {"time": info["created"], "op": "create", "model": lm.name})
         return self.store.info(name)
 
-    def _load_memory(self, name: str, info: dict) -> Memory | None:
-        record = self.store.read_pool(name)
-        if record is None:
-            return None
-        memory = Memory.from_record(*record)
-        if memory.dtype not in DTYPES:
-            raise ModelError(f"memory {name!r} has an unknown dtype {memory.dtype!r}")
-        return memory
+    def _open(self, name: str, *, locked: bool = False) -> dict:
+        """The memory's info, after migrating an older store format forward."""
+        info = self.store.info(name)
+        if info["format"] < FORMAT:
+            if locked:
+                migrate(self.store, name)
+            else:
+                with self.store.lock(name, self.settings.lock_timeout):
+                    migrate(self.store, name)
+            info = self.store.info(name)
+        return info
 
-    def _commit(self, name: str, memory: Memory) -> None:
-        self.store.write_pool(name, *memory.record())
+    def _load_memory(self, name: str, version: str | None = None, *, states: bool = True) -> Memory | None:
+        """A version (default HEAD) in RAM; with `states`, its keys and values too."""
+        version = version or self.store.head(name)
+        if version is None:
+            return None
+        tensors, meta = self.store.read_version(name, version)
+        if meta.get("dtype") not in DTYPES:
+            raise StoreError(f"memory {name!r}: version {version[:12]} has an unknown dtype {meta.get('dtype')!r}")
+        pool = self._states(name, tensors, meta) if states else None
+        return Memory.from_version(version, tensors, meta, pool)
+
+    def _states(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Pool:
+        """Gather a version's keys and values from its blocks, reading only the rows it holds."""
+        block, row = tensors["block"].to(torch.int64), tensors["row"].to(torch.int64)
+        if len(block) == 0:
+            lm = self.model()
+            return Pool.empty(lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, DTYPES[meta["dtype"]])
+        keys = values = None
+        for b in block.unique().tolist():
+            positions = torch.nonzero(block == b).flatten()
+            order = torch.argsort(row[positions])
+            positions = positions[order]
+            got = self.store.read_block_rows(name, meta["blocks"][b], row[positions].tolist(), ("keys", "values"))
+            if keys is None:
+                keys = torch.empty(len(block), *got["keys"].shape[1:], dtype=got["keys"].dtype)  # (n, L, Hkv, hd)
+                values = torch.empty_like(keys)
+            keys[positions] = got["keys"]
+            values[positions] = got["values"]
+        return Pool(keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous())  # (L, Hkv, n, hd)
+
+    def _commit(self, name: str, memory: Memory, op: str, message: str = "", **extra) -> str:
+        """Write pending blocks, then the version, then move HEAD: a crash leaves HEAD intact."""
+        memory.settle([self.store.write_block(name, tensors, meta) for tensors, meta in memory.pending])
+        tensors, meta = memory.version_record(op, message, **extra)
+        version = self.store.write_version(name, tensors, meta)
+        self.store.set_head(name, version)
+        self.store.log_operation(name, {
+            "time": meta["time"], "op": op, "version": version, "parent": meta["parent"], "message": message,
+            **meta["stats"],
+        })
+        memory.committed(version)
+        return version
+
+
+def _match_sources(sources: list[dict], wanted: list[str]) -> list[int]:
+    """Indices of the live sources named by path (as ingested or resolved) or a hash prefix."""
+    chosen = []
+    for want in wanted:
+        resolved = str(Path(want).expanduser().resolve()) if want != "<stdin>" else want
+        hits = [
+            i for i, s in enumerate(sources)
+            if not s.get("forgotten") and (
+                s["name"] == want
+                or (s["name"] != "<stdin>" and str(Path(s["name"]).resolve()) == resolved)
+                or (len(want) >= 8 and s["sha256"].startswith(want.lower()))
+            )
+        ]
+        if not hits:
+            raise InputError(f"{want}: no such document in memory", hint="see memllm status for what it holds")
+        chosen += [i for i in hits if i not in chosen]
+    return chosen
+
+
+def _ingest_message(memory: Memory) -> str:
+    names = list(dict.fromkeys(memory.sources[u["source"]]["name"] for u in memory.updates))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"ingest {shown}"
 
 
 def _stop_ids(lm: LoadedModel) -> frozenset[int]:

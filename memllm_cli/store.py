@@ -1,14 +1,20 @@
-"""On-disk memories: one directory per memory under $MEMLLM_HOME/memories/.
+"""On-disk memories, stored the way git stores files: one directory per memory.
 
-    <name>/memory.json        format version, model, settings; written once, at creation
-    <name>/pool.safetensors   the whole pool and its bookkeeping (in the safetensors
-                              metadata), replaced atomically on every commit
-    <name>/lock               writers hold it (filelock) while they read-modify-write
+    <name>/memory.json                 format version, model, settings (written at creation)
+    <name>/blocks/<sha256>.safetensors immutable: the tokens one update wrote, token-major
+                                       (T, ...), plus where they came from (metadata)
+    <name>/versions/<sha256>.safetensors
+                                       immutable: which block rows make up the pool, in order,
+                                       with parent, operation, time, seeds (metadata)
+    <name>/refs/HEAD, refs/tags/<tag>  a version id each, replaced atomically
+    <name>/journal.jsonl               append-only log of every operation
+    <name>/lock                        writers hold it while they read-modify-write
 
-A commit writes a temporary file in the same directory, fsyncs it, renames it over the old
-one and fsyncs the directory, so a crash at any instant leaves either the old or the new
-pool, never a mix. Readers take no lock: they always see a complete file. Everything is
-created user-only (0700 directories, 0600 files): memories hold private notes.
+Blocks and versions are named by the SHA-256 of their bytes, so `verify` can check every
+file, identical content is stored once, and no file is ever rewritten. Every file is written
+to a temporary name, fsynced and renamed, then the directory is fsynced; HEAD moves last, so
+a crash at any instant leaves HEAD at the last committed version (and, at worst, unreferenced
+files that `gc` removes). Everything is user-only: 0700 directories, 0600 files.
 
 The store knows tensors and JSON, not models: the service decides what they mean.
 """
@@ -16,29 +22,43 @@ The store knows tensors and JSON, not models: the service decides what they mean
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .errors import Busy, MemoryNotFound, StoreError
+from .errors import Busy, InputError, MemoryNotFound, StoreError
 
-FORMAT = 1  # bump with a migration when the layout changes
+FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
 INFO = "memory.json"
-POOL = "pool.safetensors"
+
+
+@dataclass
+class Verification:
+    damaged: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
 
 
 class Store:
     def __init__(self, home: Path) -> None:
         self.root = Path(home) / "memories"
+
+    # -- memories --------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
         if not _NAME.match(name):
@@ -59,8 +79,9 @@ class Store:
     def create(self, name: str, info: dict) -> None:
         folder = self.path(name)
         _private_dir(self.root)
-        _private_dir(folder)
-        _atomic_write(folder / INFO, json.dumps({"format": FORMAT, **info}, indent=2).encode())
+        for sub in ("", "blocks", "versions", "refs", "refs/tags"):
+            _private_dir(folder / sub)
+        _atomic_write(folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
     def info(self, name: str) -> dict:
         path = self.path(name) / INFO
@@ -73,38 +94,11 @@ class Store:
         _check_format(name, info.get("format"))
         return info
 
-    def read_pool(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The last committed pool and its metadata, or None if nothing was committed yet."""
-        path = self.path(name) / POOL
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("memllm", "null"))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, SafetensorError, json.JSONDecodeError, ValueError) as err:
-            raise StoreError(f"memory {name!r} is damaged: cannot read {path}: {err}") from None
-        if not isinstance(meta, dict):
-            raise StoreError(f"memory {name!r} is damaged: {path} has no memllm metadata")
-        _check_format(name, meta.get("format"))
-        return tensors, meta
+    def needs_migration(self, name: str) -> bool:
+        return self.info(name)["format"] < FORMAT
 
-    def write_pool(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        folder = self.path(name)
-        fd, tmp = tempfile.mkstemp(prefix=".pool-", suffix=".tmp", dir=folder)  # mode 0600
-        os.close(fd)
-        try:
-            save_file(
-                {k: v.contiguous() for k, v in tensors.items()},
-                tmp,
-                metadata={"memllm": json.dumps({"format": FORMAT, **meta})},
-            )
-            _fsync(tmp)
-            os.replace(tmp, folder / POOL)
-            _fsync_dir(folder)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    def set_format(self, name: str, info: dict) -> None:
+        _atomic_write(self.path(name) / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float) -> Iterator[None]:
@@ -126,7 +120,287 @@ class Store:
 
     def disk_bytes(self, name: str) -> int:
         folder = self.path(name)
-        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+    # -- immutable objects: blocks and versions ----------------------------------------
+
+    def write_block(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+        """Store the tokens of one update; tensors are token-major (T, ...). Returns its id."""
+        return self._put(name, "blocks", tensors, meta)
+
+    def read_block_rows(self, name: str, block: str, rows: list[int], keys: tuple[str, ...]) -> dict:
+        """Rows of a block's tensors, read through a memory map: only those rows are read."""
+        path = self._object(name, "blocks", block)
+        try:
+            with safe_open(path, framework="pt") as f:
+                out = {}
+                for key in keys:
+                    view = f.get_slice(key)
+                    parts = [view[start:stop] for start, stop in _runs(rows)]
+                    out[key] = torch.cat(parts) if parts else None
+                return out
+        except (OSError, SafetensorError) as err:
+            raise StoreError(f"memory {name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+
+    def block_meta(self, name: str, block: str) -> dict:
+        return self._meta(self._object(name, "blocks", block))
+
+    def write_version(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+        return self._put(name, "versions", tensors, meta)
+
+    def read_version(self, name: str, version: str) -> tuple[dict[str, torch.Tensor], dict]:
+        path = self._object(name, "versions", version)
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("memllm", "null"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise StoreError(f"memory {name!r} is damaged: version {version[:12]} cannot be read: {err}") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"memory {name!r} is damaged: version {version[:12]} has no metadata")
+        return tensors, meta
+
+    def version_meta(self, name: str, version: str) -> dict:
+        return self._meta(self._object(name, "versions", version))
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(p.name.removesuffix(".safetensors") for p in (self.path(name) / "versions").glob("*.safetensors"))
+
+    def blocks(self, name: str) -> list[str]:
+        return sorted(p.name.removesuffix(".safetensors") for p in (self.path(name) / "blocks").glob("*.safetensors"))
+
+    def _put(self, name: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"memllm": json.dumps(meta)})
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.path(name) / kind / f"{digest}.safetensors"
+        if not path.exists():
+            _private_dir(path.parent)
+            _atomic_write(path, data)
+        return digest
+
+    def _object(self, name: str, kind: str, digest: str) -> Path:
+        path = self.path(name) / kind / f"{digest}.safetensors"
+        if not path.is_file():
+            raise StoreError(f"memory {name!r} is damaged: {kind[:-1]} {digest[:12]} is missing")
+        return path
+
+    @staticmethod
+    def _meta(path: Path) -> dict:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return json.loads((f.metadata() or {}).get("memllm", "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise StoreError(f"cannot read {path}: {err}") from None
+
+    # -- refs ------------------------------------------------------------------------
+
+    def head(self, name: str) -> str | None:
+        return self._ref(name, "HEAD")
+
+    def set_head(self, name: str, version: str) -> None:
+        self._set_ref(name, "HEAD", version)
+
+    def tags(self, name: str) -> dict[str, str]:
+        folder = self.path(name) / "refs" / "tags"
+        if not folder.is_dir():
+            return {}
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        return {tag: self._ref(name, f"tags/{tag}") for tag in names}
+
+    def set_tag(self, name: str, tag: str, version: str) -> None:
+        if not _NAME.match(tag) or tag == "HEAD":
+            raise InputError(f"invalid snapshot name {tag!r}", hint="use letters, digits, '.', '_' and '-'")
+        self._set_ref(name, f"tags/{tag}", version)
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        path = self.path(name) / "refs" / "tags" / tag
+        if not _NAME.match(tag) or not path.is_file():
+            raise InputError(f"no snapshot named {tag!r}", hint=_known(list(self.tags(name)), "snapshots"))
+        path.unlink()
+        _fsync_dir(path.parent)
+
+    def resolve(self, name: str, spec: str) -> str:
+        """A version id from HEAD, HEAD~N, a snapshot name, or a unique id prefix."""
+        base, _, back = spec.partition("~")
+        if base == "HEAD":
+            version = self.head(name)
+            if version is None:
+                raise MemoryNotFound(f"memory {name!r} has no versions yet")
+        elif base in self.tags(name):
+            version = self.tags(name)[base]
+        else:
+            matches = [v for v in self.versions(name) if re.fullmatch(r"[0-9a-f]{4,64}", base) and v.startswith(base)]
+            if len(matches) != 1:
+                problem = "is ambiguous" if matches else "is neither a snapshot nor a version"
+                raise InputError(
+                    f"{spec!r} {problem} in memory {name!r}", hint="see memllm log and memllm snapshot list"
+                )
+            version = matches[0]
+        if back and not back.isdigit():
+            raise InputError(f"{spec!r}: expected a number of versions after '~'")
+        steps = int(back) if back else (1 if "~" in spec else 0)
+        for _ in range(steps):
+            parent = self.version_meta(name, version).get("parent")
+            if parent is None:
+                raise InputError(f"{spec!r} goes back past the first version of memory {name!r}")
+            version = parent
+        return version
+
+    def _ref(self, name: str, ref: str) -> str | None:
+        path = self.path(name) / "refs" / ref
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StoreError(f"memory {name!r} is damaged: cannot read refs/{ref}: {err}") from None
+        if not _SHA.match(value):
+            raise StoreError(f"memory {name!r} is damaged: refs/{ref} does not name a version")
+        return value
+
+    def _set_ref(self, name: str, ref: str, version: str) -> None:
+        path = self.path(name) / "refs" / ref
+        _private_dir(path.parent)
+        _atomic_write(path, f"{version}\n".encode())
+
+    # -- journal -----------------------------------------------------------------------
+
+    def log_operation(self, name: str, entry: dict) -> None:
+        path = self.path(name) / "journal.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def journal(self, name: str) -> list[dict]:
+        path = self.path(name) / "journal.jsonl"
+        if not path.is_file():
+            return []
+        entries = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
+                entries.append(json.loads(line))
+        return entries
+
+    # -- integrity and space ---------------------------------------------------------------
+
+    def verify(self, name: str, progress: Callable[[int], None] | None = None) -> Verification:
+        """Check every block's and version's checksum, every reference, and the refs."""
+        report = Verification()
+        folder = self.path(name)
+        blocks, versions = self.blocks(name), self.versions(name)
+        good_blocks: dict[str, int] = {}
+        for kind, ids in (("blocks", blocks), ("versions", versions)):
+            for digest in ids:
+                path = folder / kind / f"{digest}.safetensors"
+                if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                    report.damaged.append(f"{kind[:-1]} {digest[:12]}: checksum mismatch")
+                elif kind == "blocks":
+                    try:
+                        with safe_open(path, framework="pt") as f:
+                            good_blocks[digest] = f.get_slice("keys").get_shape()[0]
+                    except (OSError, SafetensorError) as err:
+                        report.damaged.append(f"block {digest[:12]}: unreadable: {err}")
+                if progress:
+                    progress(1)
+        damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
+        for version in versions:
+            if version[:12] in damaged_versions:
+                continue
+            try:
+                tensors, meta = self.read_version(name, version)
+            except StoreError as err:
+                report.damaged.append(f"version {version[:12]}: {err.message}")
+                continue
+            for i, block in enumerate(meta.get("blocks", [])):
+                rows = tensors["row"][tensors["block"] == i]
+                if block not in good_blocks:
+                    report.damaged.append(f"version {version[:12]}: block {block[:12]} is missing or damaged")
+                elif len(rows) and int(rows.max()) >= good_blocks[block]:
+                    report.damaged.append(f"version {version[:12]}: rows past the end of block {block[:12]}")
+            parent = meta.get("parent")
+            if parent and parent not in versions:
+                report.damaged.append(f"version {version[:12]}: parent {parent[:12]} is missing")
+        refs = {"HEAD": self._safe_ref(name, "HEAD", report)} | {
+            f"tags/{t}": self._safe_ref(name, f"tags/{t}", report)
+            for t in (os.listdir(folder / "refs" / "tags") if (folder / "refs" / "tags").is_dir() else [])
+            if not t.startswith(".")
+        }
+        for ref, version in refs.items():
+            if version and version not in versions:
+                report.damaged.append(f"refs/{ref}: version {version[:12]} is missing")
+        report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs)}
+        return report
+
+    def _safe_ref(self, name: str, ref: str, report: Verification) -> str | None:
+        try:
+            return self._ref(name, ref)
+        except StoreError as err:
+            report.damaged.append(err.message.split(": ", 1)[-1])
+            return None
+
+    def reachable(self, name: str) -> set[str]:
+        """Versions reachable from HEAD and the snapshots through parents."""
+        seen: set[str] = set()
+        todo = [v for v in [self.head(name), *self.tags(name).values()] if v]
+        while todo:
+            version = todo.pop()
+            if version in seen:
+                continue
+            seen.add(version)
+            parent = self.version_meta(name, version).get("parent")
+            if parent:
+                todo.append(parent)
+        return seen
+
+    def delete_objects(self, name: str, kind: str, ids: list[str]) -> int:
+        folder = self.path(name) / kind
+        freed = 0
+        for digest in ids:
+            path = folder / f"{digest}.safetensors"
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        _fsync_dir(folder)
+        return freed
+
+    def remove_temporaries(self, name: str) -> int:
+        freed = 0
+        for path in self.path(name).rglob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
+
+    # -- format 1 (a single pool file), for the migration ------------------------------------
+
+    def read_legacy_pool(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        path = self.path(name) / "pool.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("memllm", "null"))
+                return {key: f.get_tensor(key) for key in f.keys()}, meta
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise StoreError(f"memory {name!r} is damaged: cannot read {path}: {err}") from None
+
+    def remove_legacy_pool(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path(name) / "pool.safetensors").unlink()
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 def _check_format(name: str, found) -> None:
@@ -139,10 +413,10 @@ def _check_format(name: str, found) -> None:
         )
 
 
-def _known(names: list[str]) -> str:
+def _known(names: list[str], what: str = "memories") -> str:
     if not names:
-        return "nothing has been ingested yet: memllm ingest FILE"
-    return "known memories: " + ", ".join(names)
+        return "nothing has been ingested yet: memllm ingest FILE" if what == "memories" else f"no {what} yet"
+    return f"known {what}: " + ", ".join(names)
 
 
 def _private_dir(path: Path) -> None:
@@ -163,14 +437,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

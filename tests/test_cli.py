@@ -166,3 +166,40 @@ def test_two_ingests_at_once_both_land(tmp_path, env_model):
     assert status["updates"] == 2
     assert status["tokens"] == sum(r["tokens"] for r in reports)
     assert sorted(s["name"] for s in status["sources"]) == sorted(str(f) for f in files)
+
+
+def test_versions_from_the_command_line(tmp_path, env_model):
+    (tmp_path / "a.txt").write_text(PARAGRAPH)
+    (tmp_path / "b.txt").write_text("Another note about the shed. " * 5)
+    assert memllm("ingest", str(tmp_path / "a.txt")).returncode == 0
+    assert memllm("snapshot", "create", "first", "-m", "one file").returncode == 0
+    assert memllm("ingest", str(tmp_path / "b.txt")).returncode == 0
+    log = json.loads(memllm("log", "--json").stdout)
+    assert [e["op"] for e in log] == ["ingest", "ingest"] and log[1]["tags"] == ["first"]
+
+    refused = memllm("snapshot", "rollback", "first")  # no terminal, no --yes
+    assert refused.returncode == 2 and b"pass --yes" in refused.stderr
+    dry = memllm("snapshot", "rollback", "first", "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["dry_run"] is True
+    assert len(json.loads(memllm("log", "--json").stdout)) == 2
+    assert memllm("snapshot", "rollback", "first", "--yes").returncode == 0
+    assert json.loads(memllm("status", "--json").stdout)["tokens"] == log[1]["tokens"]
+
+    diff = json.loads(memllm("diff", "--json").stdout)
+    assert diff["totals"]["dropped"] == log[0]["added"]
+    forgot = memllm("forget", str(tmp_path / "a.txt"))
+    assert forgot.returncode == 0 and b"forgot" in forgot.stdout
+    assert memllm("verify").returncode == 0
+    assert memllm("gc", "--json").returncode == 0
+
+
+def test_verify_reports_damage_with_exit_6(tmp_path, env_model):
+    (tmp_path / "a.txt").write_text(PARAGRAPH)
+    assert memllm("ingest", str(tmp_path / "a.txt")).returncode == 0
+    blocks = list((Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "blocks").iterdir())
+    data = bytearray(blocks[0].read_bytes())
+    data[-3] ^= 0x55
+    blocks[0].write_bytes(bytes(data))
+    out = memllm("verify")
+    assert out.returncode == 6
+    assert b"checksum mismatch" in out.stderr and b"problem(s)" in out.stdout

@@ -1,0 +1,175 @@
+"""The versioned store through the service: log, snapshots, rollback, diff, forget, verify, gc, migration."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from memllm_cli.errors import InputError
+from memllm_cli.service import Memllm
+from memllm_cli.sources import Document
+
+
+def doc(name, text):
+    return Document(name, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+NOTE = "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six. "
+
+
+@pytest.fixture
+def service(tiny_dir):
+    return Memllm(model=str(tiny_dir))
+
+
+def test_every_ingest_is_a_version_and_log_walks_them(service):
+    service.ingest_documents([doc("a", NOTE)])
+    service.ingest_documents([doc("b", "Second note. " * 10)])
+    log = service.log()
+    assert [e["op"] for e in log] == ["ingest", "ingest"]
+    assert log[0]["tokens"] == log[0]["added"] + log[1]["tokens"]
+    assert service.store.resolve("default", "HEAD~1") == log[1]["version"]
+    assert service.verify()["ok"]
+
+
+def test_a_version_stores_only_new_tokens(service):
+    service.ingest_documents([doc("a", NOTE * 3)])
+    blocks_before = service.store.blocks("default")
+    service.ingest_documents([doc("b", "Another note. " * 5)])
+    assert len(service.store.blocks("default")) == len(blocks_before) + 1
+    version_file = service.store.path("default") / "versions" / f"{service.store.head('default')}.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(version_file, framework="pt") as f:  # an index of (block, row) pairs, not a pool copy
+        assert sorted(f.keys()) == ["block", "chunk", "row", "source"]
+        assert all(f.get_slice(k).get_dtype() == "I32" for k in f.keys())
+
+
+def test_snapshot_rollback_and_undo(service):
+    service.ingest_documents([doc("a", NOTE)])
+    service.snapshot_create("one", "first")
+    service.ingest_documents([doc("b", "Second note. " * 10)])
+    full = service.status()["tokens"]
+    plan = service.rollback("one", dry_run=True)
+    assert plan["dry_run"] and service.status()["tokens"] == full
+    result = service.rollback("one")
+    assert service.status()["tokens"] == plan["diff"]["totals"]["held"] < full
+    assert service.log()[0]["op"] == "rollback"
+    service.rollback("HEAD~1")  # undo the rollback
+    assert service.status()["tokens"] == full
+    assert result["to"] == service.store.tags("default")["one"]
+    assert [s["snapshot"] for s in service.snapshot_list()] == ["one"]
+    assert service.snapshot_list()[0]["message"] == "first"
+    service.snapshot_delete("one")
+    assert service.snapshot_list() == []
+    with pytest.raises(InputError, match="no snapshot named 'one'"):
+        service.snapshot_delete("one")
+    with pytest.raises(InputError, match="neither a snapshot nor a version"):
+        service.rollback("nope")
+
+
+def test_diff_per_source(service):
+    service.ingest_documents([doc("a", NOTE)])
+    service.ingest_documents([doc("b", "Second note. " * 10)])
+    result = service.diff()
+    rows = {r["source"]: r for r in result["sources"]}
+    assert rows["b"]["added"] == rows["b"]["held"] == rows["b"]["written"] > 0 and rows["b"]["retained"] == 1.0
+    assert rows["a"]["added"] == 0 and rows["a"]["dropped"] == 0
+    assert result["totals"]["added"] == rows["b"]["added"]
+
+
+def test_forget_makes_a_version_without_the_document(service, tmp_path):
+    (tmp_path / "secret.txt").write_text("The password is hunter2. " * 4)
+    service.ingest([str(tmp_path / "secret.txt")])
+    service.ingest_documents([doc("keep", NOTE)])
+    before = service.status()
+    result = service.forget([str(tmp_path / "secret.txt")])
+    after = service.status()
+    assert result["tokens_removed"] == before["sources"][0]["tokens_held"]
+    assert [s["name"] for s in after["sources"]] == ["keep"]
+    assert after["tokens"] == before["tokens"] - result["tokens_removed"]
+    again = service.ingest([str(tmp_path / "secret.txt")])  # forgotten content can be written again
+    assert again.chunks == 1
+    with pytest.raises(InputError, match="no such document"):
+        service.forget(["never-ingested.txt"])
+
+
+def test_pool_read_back_from_blocks_equals_the_pool_written(service):
+    memory = service.scratch_memory(pool_size=512, write_context=64, seed=3)
+    memory.keep_blocks = True
+    for i in range(6):
+        service.write_text(memory, f"Note {i}. " + NOTE * 2, name=f"n{i}")
+    service.store.create("copy", {"model": {"name": "x", "fingerprint": "y"}})
+    service._commit("copy", memory, "ingest")
+    loaded = service._load_memory("copy")
+    assert torch.equal(loaded.pool.keys, memory.pool.keys) and torch.equal(loaded.pool.values, memory.pool.values)
+    assert torch.equal(loaded.pool.tags["source"], memory.pool.tags["source"])
+
+
+def test_gc_deletes_only_what_nothing_reaches(service):
+    service.ingest_documents([doc("a", NOTE)])
+    service.snapshot_create("keep")
+    service.ingest_documents([doc("b", "Second note. " * 10)])
+    assert service.gc()["blocks_deleted"] == 0
+    # an orphan left by a crash between writing a block and committing its version
+    service.store.write_block("default", {"keys": torch.zeros(1, 2), "values": torch.zeros(1, 2)}, {})
+    result = service.gc()
+    assert result["blocks_deleted"] == 1 and result["bytes_freed"] > 0
+    assert service.verify()["ok"] and service.status()["tokens"] > 0
+
+
+def test_a_format_1_memory_migrates_forward(tiny_dir, isolated_home):
+    # Write a memory the way memllm 0.1 (store format 1) did: one pool file.
+    service = Memllm(model=str(tiny_dir))
+    memory = service.scratch_memory(seed=5)
+    service.write_text(memory, NOTE * 2, name="a.txt")
+    service.write_text(memory, "Second note. " * 10, name="b.txt")
+    lm = service.model()
+    folder = isolated_home / "memories" / "old"
+    folder.mkdir(parents=True)
+    (folder / "memory.json").write_text(json.dumps({
+        "format": 1, "kind": "training-free", "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "pool_size": memory.pool_size, "write_context": memory.write_context, "dtype": memory.dtype,
+    }))
+    tags = memory.pool.tags
+    save_file(
+        {"keys": memory.pool.keys, "values": memory.pool.values, "tag.source": tags["source"],
+         "tag.chunk": tags["chunk"], "tag.offset": tags["row"]},
+        folder / "pool.safetensors",
+        metadata={"memllm": json.dumps({
+            "format": 1, "pool_size": memory.pool_size, "write_context": memory.write_context,
+            "dtype": memory.dtype, "seed": memory.seed, "updates": memory.updates,
+            "sources": memory.sources,
+        })},
+    )
+    old = Memllm(model=str(tiny_dir), memory="old")
+    expected = old.ask_in(memory, "who?", max_new_tokens=5)
+    "".join(expected)
+    answer = old.ask("who?", max_new_tokens=5)
+    "".join(answer)
+    assert answer.ids == expected.ids
+    assert old.store.info("old")["format"] == 2 and not (folder / "pool.safetensors").exists()
+    assert [e["op"] for e in old.log()] == ["migrate"]
+    assert old.verify()["ok"]
+    assert any(e.get("migration") == "0001-pool-file-to-blocks" for e in old.store.journal("old"))
+
+
+def test_eight_ingests_at_once_all_land(tmp_path, env_model):
+    files = []
+    for i in range(8):
+        files.append(tmp_path / f"job{i}.txt")
+        files[-1].write_text(f"Cron job {i} wrote this line. " * 3)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", "--json", str(f)], stdout=subprocess.PIPE)
+        for f in files
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    service = Memllm()
+    assert len(service.log()) == 8
+    assert service.status()["tokens"] == sum(json.loads(o)["tokens"] for o in outs)
+    assert service.verify()["ok"]
