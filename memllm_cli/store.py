@@ -267,9 +267,11 @@ class Store:
 
     def log_operation(self, name: str, entry: dict) -> None:
         path = self.path(name) / "journal.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a crash cut the last line short
+            os.write(fd, (("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
