@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -441,6 +442,45 @@ def gc(
         verb = "would delete" if dry_run else "deleted"
         print(f"{verb} {result['versions_deleted']} versions and {result['blocks_deleted']} blocks"
               + ("" if dry_run else f", {_size(result['bytes_freed'])} freed"))
+
+
+@app.command("export")
+@handle_errors
+def export_(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The archive to write (a tar file).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Write a memory, with its whole history and its model's fingerprint, to one archive.
+
+    Examples:
+      memllm -m work export work-memory.tar
+    """
+    result = _service(ctx).export(file)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"exported memory {result['memory']!r} to {result['file']} ({_size(result['bytes'])})")
+
+
+@app.command("import")
+@handle_errors
+def import_(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="An archive written by memllm export.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Install a memory from an archive, under --memory's name (which must be new).
+    The archive is verified before the memory appears.
+
+    Examples:
+      memllm -m work import work-memory.tar
+    """
+    result = _service(ctx).import_(file)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"imported memory {result['memory']!r} ({result['versions']} versions, model {result['model']})")
 
 
 def _log_to_stderr() -> None:

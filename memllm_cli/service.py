@@ -442,6 +442,28 @@ class Memllm:
         return {"versions_deleted": len(versions), "blocks_deleted": len(blocks), "bytes_freed": freed,
                 "dry_run": dry_run}
 
+    def export(self, path: Path) -> dict:
+        """Write the whole memory (model fingerprint, blocks, versions, refs, journal) to one tar file."""
+        name = self.memory_name
+        with self.store.lock(name, self.settings.lock_timeout):
+            self._open(name, locked=True)
+            files = self.store.export(name, Path(path))
+        return {"memory": name, "file": str(path), "files": files, "bytes": Path(path).stat().st_size}
+
+    def import_(self, path: Path) -> dict:
+        """Install a memory from an export under --memory's name (which must not exist yet)."""
+        name = self.memory_name
+        if self.store.exists(name):
+            raise InputError(f"memory {name!r} exists", hint="import under another name with --memory NAME")
+        try:
+            with self.store.lock(name, self.settings.lock_timeout):
+                report = self.store.import_(name, Path(path))
+        finally:
+            self.store.remove_if_empty(name)
+        info = self.store.info(name)
+        self.store.log_operation(name, {"time": now(), "op": "import", "file": str(path)})
+        return {"memory": name, "model": info["model"]["name"], "versions": report.checked.get("versions", 0)}
+
     def memories(self) -> list[str]:
         return self.store.names()
 

@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -368,6 +370,12 @@ class Store:
         _fsync_dir(folder)
         return freed
 
+    def remove_if_empty(self, name: str) -> None:
+        """Remove a memory folder that never got its memory.json (a failed import or create)."""
+        folder = self.path(name)
+        if folder.is_dir() and not (folder / INFO).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
     def remove_temporaries(self, name: str) -> int:
         freed = 0
         for path in self.path(name).rglob(".*.tmp"):
@@ -375,6 +383,66 @@ class Store:
                 freed += path.stat().st_size
                 path.unlink()
         return freed
+
+    # -- export and import -------------------------------------------------------------
+
+    def export(self, name: str, target: Path) -> int:
+        """An uncompressed tar (the tensors do not compress) of everything but the lock."""
+        folder = self.path(name)
+        members = [INFO, "journal.jsonl"] + [
+            str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
+            for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
+        ]
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent or ".")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w") as tar:
+                for member in members:
+                    if (folder / member).is_file():
+                        tar.add(folder / member, arcname=f"memllm-memory/{member}", recursive=False)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return len(members)
+
+    def import_(self, name: str, source: Path) -> Verification:
+        """Unpack an export into a new memory; it only appears if it verifies."""
+        folder = self.path(name)
+        staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=self.root))
+        try:
+            try:
+                with tarfile.open(source, "r:*") as tar:
+                    for member in tar.getmembers():
+                        parts = Path(member.name).parts
+                        if not member.isfile() or len(parts) < 2 or parts[0] != "memllm-memory" or ".." in parts:
+                            raise InputError(f"{source} is not a memllm export (unexpected entry {member.name!r})")
+                    tar.extractall(staging, filter="data")
+            except tarfile.TarError:
+                raise InputError(f"{source} is not a memllm export (not a tar archive)") from None
+            except OSError as err:
+                raise InputError(f"cannot read {source}: {err.strerror or err}") from None
+            unpacked = staging / "memllm-memory"
+            if not (unpacked / INFO).is_file():
+                raise InputError(f"{source} is not a memllm export (no {INFO})")
+            for path in [unpacked, *unpacked.rglob("*")]:
+                path.chmod(0o700 if path.is_dir() else 0o600)
+            for sub in ("blocks", "versions", "refs/tags"):
+                _private_dir(unpacked / sub)
+            staged = Store.__new__(Store)  # verify the unpacked copy before it becomes visible
+            staged.root = staging
+            _check_format(name, staged.info(unpacked.name).get("format"))
+            report = staged.verify(unpacked.name)
+            if not report.ok:
+                raise StoreError(f"{source} is damaged: " + "; ".join(report.damaged[:3]))
+            _private_dir(folder)
+            # memory.json moves last: until it is there, the memory does not exist
+            for item in sorted(unpacked.iterdir(), key=lambda p: p.name == INFO):
+                os.replace(item, folder / item.name)
+            _fsync_dir(folder)
+            return report
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # -- format 1 (a single pool file), for the migration ------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memllm_cli.errors import InputError
+from memllm_cli.errors import InputError, StoreError
 from memllm_cli.service import Memllm
 from memllm_cli.sources import Document
 
@@ -173,3 +173,49 @@ def test_eight_ingests_at_once_all_land(tmp_path, env_model):
     assert len(service.log()) == 8
     assert service.status()["tokens"] == sum(json.loads(o)["tokens"] for o in outs)
     assert service.verify()["ok"]
+
+
+def test_export_then_import_elsewhere_keeps_history_and_answers(service, tmp_path, tiny_dir, monkeypatch):
+    service.ingest_documents([doc("a", NOTE)])
+    service.snapshot_create("one")
+    service.ingest_documents([doc("b", "Second note. " * 10)])
+    expected = service.ask("who?", max_new_tokens=4)
+    "".join(expected)
+    archive = tmp_path / "memory.tar"
+    service.export(archive)
+
+    monkeypatch.setenv("MEMLLM_HOME", str(tmp_path / "other-machine"))
+    moved = Memllm(memory="moved")
+    assert moved.import_(archive)["versions"] == 2
+    answer = moved.ask("who?", max_new_tokens=4)
+    "".join(answer)
+    assert answer.ids == expected.ids and moved.model().name == str(tiny_dir)
+    assert [e["version"] for e in moved.log()] == [e["version"] for e in service.log()]
+    assert list(moved.store.tags("moved")) == ["one"] and moved.verify()["ok"]
+    with pytest.raises(InputError, match="exists"):
+        moved.import_(archive)
+
+
+def test_import_refuses_damaged_or_foreign_archives(tmp_path, service):
+    import tarfile
+
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar file at all")
+    with pytest.raises(InputError, match="not a tar archive"):
+        Memllm(memory="x").import_(junk)
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        (tmp_path / "f").write_text("x")
+        tar.add(tmp_path / "f", arcname="../../escape")
+    with pytest.raises(InputError, match="not a memllm export"):
+        Memllm(memory="x").import_(evil)
+    service.ingest_documents([doc("a", NOTE)])
+    archive = tmp_path / "m.tar"
+    service.export(archive)
+    data = bytearray(archive.read_bytes())
+    block_at = data.find(b"__metadata__") + 200  # inside the first stored file's bytes
+    data[block_at] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged"):
+        Memllm(memory="x").import_(archive)
+    assert "x" not in Memllm().memories()
