@@ -382,20 +382,35 @@ def diff(
 def forget(
     ctx: typer.Context,
     sources: Annotated[list[str], typer.Argument(help="Documents, by path as ingested or content hash (8+ hex).")],
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also remove them from every version and delete their bytes from disk.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --purge (needed without a TTY).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Remove documents' tokens from memory, as a new version (undo with a rollback).
+    With --purge, rewrite history without them and delete their bytes: this cannot be undone.
 
     Examples:
       memllm forget notes/old-plan.md
       memllm forget 3fa2c1d9
+      memllm forget --purge --yes passwords.txt
     """
-    result = _service(ctx).forget(sources)
+    if purge and not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()) or as_json:
+            _err("memllm: error: --purge deletes data for good; pass --yes to confirm")
+            raise typer.Exit(2)
+        if not typer.confirm(f"Purge {', '.join(sources)} from every version, for good?", err=True):
+            raise typer.Exit(1)
+    result = _service(ctx).forget(sources, purge=purge)
     if as_json:
         _print_json(result)
     else:
         print(f"forgot {', '.join(result['forgotten'])}: {result['tokens_removed']} tokens removed, "
               f"{result['tokens']} held; version {result['version'][:12]}")
+        if purge:
+            print(f"purged: {result['purged_blocks']} blocks deleted ({_size(result['bytes_freed'])}), "
+                  f"{result['versions_rewritten']} versions rewritten")
 
 
 @app.command()

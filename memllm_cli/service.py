@@ -402,19 +402,84 @@ class Memllm:
         totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
         return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals}
 
-    def forget(self, sources: list[str]) -> dict:
-        """A new version without these documents' tokens (by path as ingested, or content hash)."""
+    def forget(self, sources: list[str], *, purge: bool = False) -> dict:
+        """A new version without these documents' tokens (by path as ingested, or content hash).
+
+        With `purge`, also rewrite every version without them and delete their blocks, so
+        that no byte they wrote stays on disk (their names stay in the journal)."""
         name = self.memory_name
         with self.store.lock(name, self.settings.lock_timeout):
             self._open(name, locked=True)
             memory = self._load_memory(name, states=False)
             if memory is None:
                 raise MemoryNotFound(f"memory {name!r} is empty")
-            chosen = _match_sources(memory.sources, sources)
+            chosen = _match_sources(memory.sources, sources, include_forgotten=purge)
+            shas = {memory.sources[i]["sha256"] for i in chosen}
             held = memory.forget(set(chosen))
             names = [memory.sources[i]["name"] for i in chosen]
             version = self._commit(name, memory, "forget", "forget " + ", ".join(names), forgotten=names)
-        return {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(memory)}
+            result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(memory)}
+            if purge:
+                result.update(self._purge(name, shas))
+                result["version"] = self.store.head(name)
+        return result
+
+    def _purge(self, name: str, shas: set[str]) -> dict:
+        """Rewrite every version without the blocks of these sources, parents first, then
+        move the refs and delete the old versions and the blocks."""
+        store = self.store
+        versions = store.versions(name)
+        metas = {v: store.version_meta(name, v) for v in versions}
+        order: list[str] = []
+        done: set[str] = set()
+        for start in versions:  # parents before children
+            chain = []
+            v = start
+            while v and v not in done and v in metas:
+                chain.append(v)
+                v = metas[v].get("parent")
+            for v in reversed(chain):
+                done.add(v)
+                order.append(v)
+        purged_blocks = {
+            b for b in store.blocks(name) if store.block_meta(name, b).get("source_sha256") in shas
+        }
+        mapping: dict[str, str] = {}
+        for v in order:
+            tensors, meta = store.read_version(name, v)
+            blocks = meta.get("blocks", [])
+            kept = [i for i, b in enumerate(blocks) if b not in purged_blocks]
+            remap = torch.full((len(blocks),), -1, dtype=torch.int64)
+            remap[kept] = torch.arange(len(kept))
+            block = tensors["block"].to(torch.int64)
+            keep = remap[block] >= 0 if len(blocks) else torch.ones(len(block), dtype=torch.bool)
+            new_tensors = {k: t[keep] for k, t in tensors.items()}
+            new_tensors["block"] = remap[block[keep]].to(torch.int32)
+            secret = [src["name"] for src in meta.get("sources", []) if src["sha256"] in shas]
+            message = meta.get("message", "")
+            for hidden in secret:
+                message = message.replace(hidden, "<purged>")
+            new_meta = {
+                **meta, "blocks": [blocks[i] for i in kept], "message": message,
+                "parent": mapping.get(meta.get("parent"), meta.get("parent")),
+                "sources": [{**src, "name": "<purged>", "forgotten": True, "purged": True}
+                            if src["sha256"] in shas else src for src in meta.get("sources", [])],
+                "updates": [u for u in meta.get("updates", []) if meta["sources"][u["source"]]["sha256"] not in shas],
+                "forgotten": [n for n in meta.get("forgotten", []) if n not in secret],
+            }
+            mapping[v] = store.write_version(name, new_tensors, new_meta)
+        head = store.head(name)
+        for tag, version in store.tags(name).items():
+            store.set_tag(name, tag, mapping.get(version, version))
+        if head:
+            store.set_head(name, mapping.get(head, head))
+        stale = [v for v in versions if mapping.get(v, v) != v]
+        store.delete_objects(name, "versions", stale)
+        freed = sum((store.path(name) / "blocks" / f"{b}.safetensors").stat().st_size for b in purged_blocks)
+        store.delete_objects(name, "blocks", sorted(purged_blocks))
+        store.log_operation(name, {"time": now(), "op": "purge", "versions_rewritten": len(stale),
+                                   "blocks_deleted": len(purged_blocks), "bytes": freed})
+        return {"purged_blocks": len(purged_blocks), "versions_rewritten": len(stale), "bytes_freed": freed}
 
     def verify(self) -> dict:
         name = self.memory_name
@@ -556,14 +621,14 @@ class Memllm:
         return version
 
 
-def _match_sources(sources: list[dict], wanted: list[str]) -> list[int]:
-    """Indices of the live sources named by path (as ingested or resolved) or a hash prefix."""
+def _match_sources(sources: list[dict], wanted: list[str], *, include_forgotten: bool = False) -> list[int]:
+    """Indices of the sources named by path (as ingested or resolved) or a hash prefix."""
     chosen = []
     for want in wanted:
         resolved = str(Path(want).expanduser().resolve()) if want != "<stdin>" else want
         hits = [
             i for i, s in enumerate(sources)
-            if not s.get("forgotten") and (
+            if (include_forgotten or not s.get("forgotten")) and not s.get("purged") and (
                 s["name"] == want
                 or (s["name"] != "<stdin>" and str(Path(s["name"]).resolve()) == resolved)
                 or (len(want) >= 8 and s["sha256"].startswith(want.lower()))

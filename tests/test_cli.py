@@ -203,3 +203,34 @@ def test_verify_reports_damage_with_exit_6(tmp_path, env_model):
     out = memllm("verify")
     assert out.returncode == 6
     assert b"checksum mismatch" in out.stderr and b"problem(s)" in out.stdout
+
+
+def test_purge_needs_yes_without_a_terminal(tmp_path, env_model):
+    (tmp_path / "secret.txt").write_text("The password is hunter2. " * 5)
+    assert memllm("ingest", str(tmp_path / "secret.txt")).returncode == 0
+    refused = memllm("forget", "--purge", str(tmp_path / "secret.txt"))
+    assert refused.returncode == 2 and b"pass --yes" in refused.stderr
+    done = memllm("forget", "--purge", "--yes", str(tmp_path / "secret.txt"))
+    assert done.returncode == 0 and b"purged: 1 blocks deleted" in done.stdout
+    assert memllm("verify").returncode == 0
+
+
+def test_ask_works_while_an_ingest_runs(tmp_path, env_model):
+    (tmp_path / "first.txt").write_text(PARAGRAPH)
+    assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(1500)))
+    writer = subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
+    import time
+
+    deadline = time.monotonic() + 120
+    while writer.poll() is None and not _locked(lock) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    asked = memllm("ask", "--json", "--max-tokens", "2", "who?")
+    still_writing = writer.poll() is None
+    writer.communicate(timeout=600)
+    assert asked.returncode == 0, asked.stderr
+    assert still_writing  # the answer came while the writer held the lock
+    assert writer.returncode == 0

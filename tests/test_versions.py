@@ -219,3 +219,45 @@ def test_import_refuses_damaged_or_foreign_archives(tmp_path, service):
     with pytest.raises(StoreError, match="damaged"):
         Memllm(memory="x").import_(archive)
     assert "x" not in Memllm().memories()
+
+
+def test_forget_purge_removes_the_bytes_from_every_version(service, tmp_path):
+    secret_text = "The password is hunter2. " * 6
+    (tmp_path / "passwords.txt").write_text(secret_text)
+    service.ingest_documents([doc("keep", NOTE)])
+    service.ingest([str(tmp_path / "passwords.txt")])
+    service.snapshot_create("with-secret")
+    service.ingest_documents([doc("later", "Later note. " * 8)])
+    secret_blocks = [b for b in service.store.blocks("default")
+                     if service.store.block_meta("default", b).get("source") == str(tmp_path / "passwords.txt")]
+    assert secret_blocks
+    result = service.forget([str(tmp_path / "passwords.txt")], purge=True)
+    assert result["purged_blocks"] == len(secret_blocks)
+    assert not set(secret_blocks) & set(service.store.blocks("default"))
+    assert service.verify()["ok"]
+    for version in service.store.versions("default"):
+        tensors, meta = service.store.read_version("default", version)
+        assert "passwords" not in json.dumps(meta)
+    folder = service.store.path("default")
+    for path in (folder / "blocks").iterdir():
+        assert b"passwords" not in path.read_bytes()
+    # history survives, minus the secret: the snapshot still names a version, older ingests stay
+    assert service.store.tags("default")["with-secret"] in service.store.versions("default")
+    assert [s["name"] for s in service.status()["sources"]] == ["keep", "later"]
+    service.rollback("with-secret")
+    assert [s["name"] for s in service.status()["sources"]] == ["keep"]
+
+
+def test_replaying_the_same_ingests_from_a_version_is_bit_identical(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=512, write_context=128)
+    service.ingest_documents([doc(f"d{i}", f"Base {i}. " + NOTE * 2) for i in range(4)])
+    service.snapshot_create("base")
+    replay = [doc(f"r{i}", f"Replay {i}. " + NOTE * 2) for i in range(4)]
+    service.ingest_documents(replay)
+    first = service._load_memory("default")
+    service.rollback("base")
+    service.ingest_documents(replay, force=True)
+    second = service._load_memory("default")
+    assert sum(u["dropped"] for u in service.store.version_meta("default", second.head)["updates"]) > 0
+    assert torch.equal(first.pool.keys, second.pool.keys) and torch.equal(first.pool.values, second.pool.values)
+    assert first.blocks == second.blocks
