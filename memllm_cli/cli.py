@@ -443,14 +443,20 @@ def verify(
 def gc(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be deleted.")] = False,
+    keep_versions: Annotated[
+        int | None,
+        typer.Option("--keep-versions", min=1, help="Keep only the N newest versions behind HEAD and each snapshot "
+                     "[config: gc_keep_versions; default: all]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete versions no snapshot or HEAD reaches, and blocks no remaining version uses.
 
     Examples:
       memllm gc --dry-run
+      memllm gc --keep-versions 20
     """
-    result = _service(ctx).gc(dry_run=dry_run)
+    result = _service(ctx).gc(dry_run=dry_run, keep_versions=keep_versions)
     if as_json:
         _print_json(result)
     else:

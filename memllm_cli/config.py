@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 APP = "memllm"
 DEFAULT_MEMORY = "default"
-_KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context"}
+_KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Settings:
     lock_timeout: float = 600.0  # seconds a writer waits for another writer of the same memory
     pool_size: int | None = None  # for new memories; None: the model's default
     write_context: int | None = None  # for new memories; None: the whole pool
+    gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
 
 
 def config_path() -> Path:
@@ -51,7 +52,7 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
         "memory": memory or os.environ.get("MEMLLM_MEMORY") or file.get("memory") or DEFAULT_MEMORY,
         "model": model or os.environ.get("MEMLLM_MODEL") or file.get("model"),
     }
-    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context"):
+    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions"):
         if key in file:
             values[key] = file[key]
     values.update({k: v for k, v in overrides.items() if v is not None})

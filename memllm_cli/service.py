@@ -311,7 +311,8 @@ class Memllm:
         for tag, version in self.store.tags(name).items():
             tags.setdefault(version, []).append(tag)
         out, version = [], self.store.head(name)
-        while version and (limit is None or len(out) < limit):
+        present = set(self.store.versions(name))
+        while version in present and (limit is None or len(out) < limit):  # stops where gc pruned
             meta = self.store.version_meta(name, version)
             out.append({"version": version, "time": meta["time"], "op": meta["op"], "message": meta["message"],
                         "tags": tags.get(version, []), **meta["stats"]})
@@ -488,12 +489,15 @@ class Memllm:
         return {"memory": name, "ok": report.ok, "damaged": report.damaged, "checked": report.checked,
                 "head": self.store.head(name) if report.ok else None}
 
-    def gc(self, *, dry_run: bool = False) -> dict:
-        """Delete versions no ref reaches and blocks no kept version uses."""
+    def gc(self, *, dry_run: bool = False, keep_versions: int | None = None) -> dict:
+        """Delete versions no ref reaches and blocks no kept version uses. With `keep_versions`
+        (default: the config's gc_keep_versions, else all), keep only HEAD's and each
+        snapshot's nearest that many versions of history."""
         name = self.memory_name
+        keep_versions = keep_versions or self.settings.gc_keep_versions
         with self.store.lock(name, self.settings.lock_timeout):
             self._open(name, locked=True)
-            keep = self.store.reachable(name)
+            keep = self.store.reachable(name, keep_versions)
             versions = [v for v in self.store.versions(name) if v not in keep]
             used = {b for v in keep for b in self.store.version_meta(name, v).get("blocks", [])}
             blocks = [b for b in self.store.blocks(name) if b not in used]
@@ -503,7 +507,7 @@ class Memllm:
                 freed += self.store.delete_objects(name, "blocks", blocks)
                 freed += self.store.remove_temporaries(name)
                 self.store.log_operation(name, {"time": now(), "op": "gc", "versions": len(versions),
-                                                "blocks": len(blocks), "bytes": freed})
+                                                "blocks": len(blocks), "bytes": freed, "pruned": versions})
         return {"versions_deleted": len(versions), "blocks_deleted": len(blocks), "bytes_freed": freed,
                 "dry_run": dry_run}
 

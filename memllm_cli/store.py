@@ -245,6 +245,8 @@ class Store:
             parent = self.version_meta(name, version).get("parent")
             if parent is None:
                 raise InputError(f"{spec!r} goes back past the first version of memory {name!r}")
+            if not (self.path(name) / "versions" / f"{parent}.safetensors").is_file():
+                raise InputError(f"{spec!r} goes back past what gc kept of memory {name!r}'s history")
             version = parent
         return version
 
@@ -310,6 +312,7 @@ class Store:
                 if progress:
                     progress(1)
         damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
+        pruned = self.pruned(name)
         for version in versions:
             if version[:12] in damaged_versions:
                 continue
@@ -325,7 +328,7 @@ class Store:
                 elif len(rows) and int(rows.max()) >= good_blocks[block]:
                     report.damaged.append(f"version {version[:12]}: rows past the end of block {block[:12]}")
             parent = meta.get("parent")
-            if parent and parent not in versions:
+            if parent and parent not in versions and parent not in pruned:
                 report.damaged.append(f"version {version[:12]}: parent {parent[:12]} is missing")
         refs = {"HEAD": self._safe_ref(name, "HEAD", report)} | {
             f"tags/{t}": self._safe_ref(name, f"tags/{t}", report)
@@ -345,19 +348,25 @@ class Store:
             report.damaged.append(err.message.split(": ", 1)[-1])
             return None
 
-    def reachable(self, name: str) -> set[str]:
-        """Versions reachable from HEAD and the snapshots through parents."""
+    def reachable(self, name: str, depth: int | None = None) -> set[str]:
+        """Versions reachable from HEAD and the snapshots through parents; with `depth`, only
+        the ref itself and its depth - 1 nearest ancestors."""
         seen: set[str] = set()
-        todo = [v for v in [self.head(name), *self.tags(name).values()] if v]
+        present = set(self.versions(name))
+        todo = [(v, 1) for v in [self.head(name), *self.tags(name).values()] if v]
         while todo:
-            version = todo.pop()
-            if version in seen:
+            version, level = todo.pop()
+            if version in seen or version not in present:
                 continue
             seen.add(version)
             parent = self.version_meta(name, version).get("parent")
-            if parent:
-                todo.append(parent)
+            if parent and (depth is None or level < depth):
+                todo.append((parent, level + 1))
         return seen
+
+    def pruned(self, name: str) -> set[str]:
+        """Versions that gc deleted on purpose (their children's parent links dangle)."""
+        return {v for e in self.journal(name) if e.get("op") == "gc" for v in e.get("pruned", [])}
 
     def delete_objects(self, name: str, kind: str, ids: list[str]) -> int:
         folder = self.path(name) / kind

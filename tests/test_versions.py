@@ -261,3 +261,24 @@ def test_replaying_the_same_ingests_from_a_version_is_bit_identical(tiny_dir):
     assert sum(u["dropped"] for u in service.store.version_meta("default", second.head)["updates"]) > 0
     assert torch.equal(first.pool.keys, second.pool.keys) and torch.equal(first.pool.values, second.pool.values)
     assert first.blocks == second.blocks
+
+
+def test_gc_with_a_history_limit_prunes_old_versions(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=512, write_context=64)
+    for i in range(8):
+        service.ingest_documents([doc(f"d{i}", f"Note {i}. " + NOTE * 3)])
+    before = service.store.disk_bytes("default")
+    dry = service.gc(keep_versions=2, dry_run=True)
+    assert dry["versions_deleted"] == 6 and service.store.disk_bytes("default") == before
+    result = service.gc(keep_versions=2)
+    assert result["versions_deleted"] == 6 and result["bytes_freed"] > 0
+    assert service.store.disk_bytes("default") < before
+    # blocks go once none of their tokens is in a kept version
+    used = {b for v in service.store.versions("default") for b in service.store.version_meta("default", v)["blocks"]}
+    assert set(service.store.blocks("default")) == used
+    assert service.verify()["ok"]  # the pruned parent is not damage
+    assert len(service.log()) == 2
+    with pytest.raises(InputError, match="past what gc kept"):
+        service.rollback("HEAD~2")
+    service.ingest_documents([doc("after", "After gc. " * 5)])
+    assert service.verify()["ok"]
