@@ -96,9 +96,6 @@ class Store:
         _check_format(name, info.get("format"))
         return info
 
-    def needs_migration(self, name: str) -> bool:
-        return self.info(name)["format"] < FORMAT
-
     def set_format(self, name: str, info: dict) -> None:
         _atomic_write(self.path(name) / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
