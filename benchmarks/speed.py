@@ -95,11 +95,15 @@ def main() -> None:
 
 
 def _disk_bytes_per_token(memory) -> float:
+    """Bytes on disk per pool token if the pool were committed as one block and one version."""
     with tempfile.TemporaryDirectory() as home:
         store = Store(Path(home))
         store.create("m", {})
-        store.write_pool("m", *memory.record())
-        return round((Path(home) / "memories" / "m" / "pool.safetensors").stat().st_size / len(memory), 1)
+        pool = memory.pool
+        store.write_block("m", {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)}, {})
+        tensors = {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
+        store.write_version("m", tensors, {"parent": None})
+        return round(store.disk_bytes("m") / len(memory), 1)
 
 
 if __name__ == "__main__":
