@@ -66,7 +66,10 @@ def handle_errors(command):
             if debug:
                 raise
             _err("memllm: interrupted; the memory keeps its last committed state")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            # Every `finally` below (temp files, the lock) has run by now. Leave at once: under
+            # load, a SIGINT-killed status (-2) instead of 130 was seen when unwinding further.
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
 
     return wrapper
 
