@@ -78,6 +78,31 @@ class Config:
         )
 
 
+def estimate_bytes(files: list[Path], dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take once loaded in `dtype` (integer tensors keep theirs),
+    read from the safetensors headers without loading any tensor."""
+    size = torch.finfo(dtype).bits // 8
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                view = f.get_slice(key)
+                count = math.prod(view.get_shape())
+                total += count * (size if view.get_dtype() in ("F32", "F16", "BF16", "F64") else 8)
+    return total
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class OfficialMemoryLLM:
     """A MemoryLLM checkpoint: forward, greedy generation, injection and the memory update."""
 
@@ -93,6 +118,8 @@ class OfficialMemoryLLM:
 
     @classmethod
     def load(cls, path: Path, dtype: torch.dtype = torch.float32) -> OfficialMemoryLLM:
+        """Load config.json and every *.safetensors shard of a checkpoint directory, after
+        checking that the tensors fit in the memory available for this dtype."""
         path = Path(path)
         try:
             config = json.loads((path / "config.json").read_text())
@@ -100,14 +127,25 @@ class OfficialMemoryLLM:
             raise ModelError(f"cannot read {path / 'config.json'}: {err}") from None
         files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise ModelError(f"no .safetensors files in {path}")
+            raise ModelError(
+                f"no .safetensors files in {path}", hint="a checkpoint has config.json and safetensors shards"
+            )
+        parsed = Config.from_dict(config)
+        need = estimate_bytes(files, dtype)
+        available = available_bytes()
+        if available is not None and need > 0.9 * available:
+            raise ModelError(
+                f"{path.name} needs about {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                f"but only {available / 2**30:.1f} GiB of memory is available",
+                hint="choose a smaller dtype (bfloat16) or a machine with more memory",
+            )
         tensors = {}
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     t = f.get_tensor(key)
                     tensors[key] = t.to(dtype) if t.is_floating_point() else t
-        return cls(Config.from_dict(config), tensors)
+        return cls(parsed, tensors)
 
     # -- building blocks ---------------------------------------------------------------
 

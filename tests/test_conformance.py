@@ -78,3 +78,29 @@ def test_mplus_checkpoints_are_refused_clearly():
     folder = next((ROOT / "mplus").glob("*/config.json")).parent
     with pytest.raises(ModelError, match="M\\+ checkpoints"):
         OfficialMemoryLLM.load(folder)
+
+
+@pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
+def test_loading_checks_memory_and_files_first(tmp_path, monkeypatch):
+    folder = CASES[0]
+    monkeypatch.setattr("memllm_cli.official.available_bytes", lambda: 10_000)
+    with pytest.raises(ModelError, match="needs about .* GiB in float32, but only"):
+        OfficialMemoryLLM.load(folder)
+    monkeypatch.undo()
+    half = OfficialMemoryLLM.load(folder, dtype=torch.bfloat16)
+    assert half.memory.dtype == torch.bfloat16 and half.w["initialized"].dtype == torch.uint8
+    with pytest.raises(ModelError, match="cannot read"):
+        OfficialMemoryLLM.load(tmp_path)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ModelError, match="no .safetensors files"):
+        OfficialMemoryLLM.load(tmp_path)
+
+
+@pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
+def test_bfloat16_stays_close_to_float32():
+    folder = next(c for c in CASES if c.name == "inject-generate-update" and c.parent.name == "memoryllm")
+    ids = torch.tensor(json.loads((folder / "case.json").read_text())["inputs"]["prompt"]["ids"])
+    full = OfficialMemoryLLM.load(folder).forward(ids)
+    half = OfficialMemoryLLM.load(folder, dtype=torch.bfloat16).forward(ids).float()
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
