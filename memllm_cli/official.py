@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -45,12 +46,13 @@ class Config:
     lora_scale: float
     rope_base: float
     rope_scale: float  # positions are multiplied by this before the angles
+    raw: dict | None = None  # the whole config.json, for variant-specific fields (M+)
 
     @classmethod
     def from_dict(cls, c: dict) -> Config:
-        if "num_ltm_blocks" in c:
-            raise ModelError("M+ checkpoints (long-term memory) are not supported yet", hint="see issue 4")
-        variant = "main" if "drop_memory_per_layer" in c else "7b"
+        variant = "mplus" if "num_ltm_blocks" in c else "main" if "drop_memory_per_layer" in c else "7b"
+        if variant == "mplus" and c.get("update_ltm_mode", "immediate") != "immediate":
+            raise ModelError(f"M+ update_ltm_mode {c['update_ltm_mode']!r} is not supported (the official one crashes)")
         heads = c["num_attention_heads"]
         kv_heads = c.get("num_key_value_heads") or heads
         lora = c.get("lora_config") or {}
@@ -75,6 +77,7 @@ class Config:
             num_tokens=c["num_tokens"], num_blocks=c["num_blocks"], add_bos=bool(c.get("add_bos_embedding")),
             per_layer_drop=bool(c.get("drop_memory_per_layer")), decoder_lora=bool(c.get("add_decoder_lora")),
             lora_scale=(lora["lora_alpha"] / lora["r"]) if lora else 0.0, rope_base=base, rope_scale=scale,
+            raw=c,
         )
 
 
@@ -145,7 +148,7 @@ class OfficialMemoryLLM:
                 for key in f.keys():
                     t = f.get_tensor(key)
                     tensors[key] = t.to(dtype) if t.is_floating_point() else t
-        return cls(parsed, tensors)
+        return (MPlus if parsed.variant == "mplus" else cls)(parsed, tensors)
 
     # -- building blocks ---------------------------------------------------------------
 
@@ -219,6 +222,10 @@ class OfficialMemoryLLM:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._norm(h, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T  # (T, V)
 
+    def _read_rows(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """The memory rows layer i reads in front of the input h (T, d): its whole pool."""
+        return self.memory[i]  # (N, d)
+
     def _prefix(self, i: int, rows: torch.Tensor) -> torch.Tensor:
         """[bos[i] | rows] if the checkpoint has bos embeddings."""
         return torch.cat([self.bos[i], rows]) if self.c.add_bos else rows
@@ -236,7 +243,7 @@ class OfficialMemoryLLM:
                 positions = torch.arange(start, start + len(ids))
                 h = self._layer(i, h, 0, positions, adapter, cache)
             elif self.initialized:
-                s = torch.cat([self._prefix(i, self.memory[i]), h])  # (P+T, d)
+                s = torch.cat([self._prefix(i, self._read_rows(i, h)), h])  # (P+T, d)
                 prefix = s.shape[0] - h.shape[0]
                 h = self._layer(i, s, prefix, torch.arange(s.shape[0]), adapter, cache)  # (T, d)
             else:
@@ -319,3 +326,117 @@ class OfficialMemoryLLM:
             rows = [self.memory[i][kept] for i in range(c.layers)]
         self.memory = torch.stack([torch.cat([rows[i], delta[i]]) for i in range(c.layers)])  # (L, keep+n, d)
         return kept
+
+
+class MPlus(OfficialMemoryLLM):
+    """M+ (Wang et al., ICML 2025): MemoryLLM plus a long-term memory (LTM) per layer.
+
+    Rows dropped from the short-term pool wait in a cache and are merged into the LTM every
+    `update_ltm_frequency` updates; before each layer reads, a trained retriever scores the
+    LTM rows against the input and places the R best in front of the short-term pool.
+    State that the official code keeps outside the checkpoint (STM ages, the cache, the
+    update step) starts empty after loading, as there.
+    """
+
+    def __init__(self, config: Config, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(config, tensors)
+        raw = config.raw
+        k = config.num_tokens
+        self.retrieve_count = raw["num_ltm_blocks"] * k  # R
+        self.frequency = raw["update_ltm_frequency"]
+        self.decay = raw["decay_frequency"]
+        self.rf0 = raw["initial_rf_when_moving_stm_to_ltm"]
+        self.initialized = True  # M+ has no `initialized` buffer: always initialized
+        layers = range(config.layers)
+        self.ltm = [tensors[f"ltm.{i}"].clone() for i in layers]  # (M, d) each
+        self.ltm_keys = [tensors[f"ltm_keys.{i}"].clone() for i in layers]  # (M, s)
+        self.ltm_rf = [tensors[f"ltm_recall_frequencies.{i}"].clone() for i in layers]  # (M,)
+        self.ltm_ages = [tensors[f"ltm_ages.{i}"].to(torch.int64) for i in layers]  # (M,)
+        n = self.memory.shape[1]
+        self.ages = [torch.zeros(n, dtype=torch.int64) for _ in layers]  # STM ages (Ns,)
+        dim = config.hidden
+        width = self.ltm_keys[0].shape[1]
+        self.cached = [torch.empty(0, dim, dtype=self.memory.dtype) for _ in layers]  # dropped rows
+        self.cached_keys = [torch.empty(0, width, dtype=self.memory.dtype) for _ in layers]
+        self.cached_ages = [torch.empty(0, dtype=torch.int64) for _ in layers]
+        self.update_step = 0
+        self.retrieved: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64) for _ in layers]
+
+    def _selector(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if f"{name}.weight" in self.w:  # one layer
+            return x @ self.w[f"{name}.weight"].T
+        return F.silu(x @ self.w[f"{name}.0.weight"].T) @ self.w[f"{name}.2.weight"].T  # (.., s)
+
+    def _keys(self, i: int, rows: torch.Tensor) -> torch.Tensor:
+        x = self._norm(rows, self.w[f"model.layers.{i}.input_layernorm.weight"])
+        return self._selector(x, f"model.layers.{i}.self_attn.key_proj")  # (n, s)
+
+    def _read_rows(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """[R retrieved LTM rows | short-term pool] for layer i, retrieved with h's queries."""
+        x = self._norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"])
+        queries = self._selector(x, f"model.layers.{i}.self_attn.query_proj")  # (T, s)
+        keys = torch.cat([self.ltm_keys[i], self.cached_keys[i]])  # (M', s)
+        rows = torch.cat([self.ltm[i], self.cached[i]])  # (M', d)
+        ages = torch.cat([self.ltm_ages[i], self.cached_ages[i]])  # (M',)
+        r = self.retrieve_count
+        if len(keys) >= r:
+            scores = torch.sigmoid(queries @ keys.T).mean(dim=0)  # (M',)
+            ids = torch.topk(scores, r).indices.sort().values  # (R,)
+        else:  # degenerate: fewer rows than slots, filled cyclically
+            ids = torch.arange(r) % max(len(keys), 1)
+        # oldest first: numpy's argsort of the ages, reversed (for R <= 16 numpy sorts by
+        # insertion, which is stable, so ties keep the official order)
+        order = np.argsort(ages[ids].numpy())[::-1].copy()
+        ids = ids[torch.from_numpy(order)]
+        self.retrieved[i] = ids
+        return torch.cat([rows[ids], self.memory[i]])  # (R + Ns, d)
+
+    def update(self, delta: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """Drop K short-term rows per layer into the cache, append delta; merge into the LTM
+        every `update_ltm_frequency` updates. Returns kept, dropped and the raw permutations."""
+        k = self.c.num_tokens
+        n = self.memory.shape[1]
+        kept_all, dropped_all, perms, memory = [], [], [], []
+        new_rows, new_keys, new_ages = [], [], []
+        for i in range(self.c.layers):
+            perm = torch.randperm(n, generator=generator)  # (Ns,)
+            kept, dropped = perm[: n - k].sort().values, perm[n - k:].sort().values
+            memory.append(torch.cat([self.memory[i][kept], delta[i]]))  # (Ns, d)
+            new_rows.append(self.memory[i][dropped])
+            new_keys.append(self._keys(i, self.memory[i][dropped]))
+            new_ages.append(self.ages[i][dropped])  # dropped rows keep their STM ages
+            self.ages[i] = torch.cat([self.ages[i][kept], torch.arange(k - 1, -1, -1)])
+            kept_all.append(kept)
+            dropped_all.append(dropped)
+            perms.append(perm)
+        self.memory = torch.stack(memory)  # (L, Ns, d)
+        for i in range(self.c.layers):
+            self.ltm_ages[i] = self.ltm_ages[i] + k
+            self.cached_ages[i] = torch.cat([self.cached_ages[i] + k, new_ages[i]])
+            self.cached[i] = torch.cat([self.cached[i], new_rows[i]])
+            self.cached_keys[i] = torch.cat([self.cached_keys[i], new_keys[i]])
+        self.update_step += k
+        if self.update_step >= self.frequency * k:
+            self._merge()
+        return {"kept": torch.stack(kept_all), "dropped": torch.stack(dropped_all), "randperm": torch.stack(perms)}
+
+    def _merge(self) -> None:
+        """Move the cache into the LTM; decay recall frequencies and keep the rows still
+        recalled, unless that would leave no more than R rows."""
+        r = self.retrieve_count
+        for i in range(self.c.layers):
+            rows = torch.cat([self.ltm[i], self.cached[i]])
+            keys = torch.cat([self.ltm_keys[i], self.cached_keys[i]])
+            ages = torch.cat([self.ltm_ages[i], self.cached_ages[i]])
+            rf = torch.cat([self.ltm_rf[i], torch.full((len(self.cached[i]),), float(self.rf0), dtype=rows.dtype)])
+            rf = rf - self.decay
+            alive = rf > 0.01
+            if int(alive.sum()) > r:
+                rows, keys, ages, rf = rows[alive], keys[alive], ages[alive], rf[alive]
+            else:
+                rf = rf + self.decay
+            self.ltm[i], self.ltm_keys[i], self.ltm_ages[i], self.ltm_rf[i] = rows, keys, ages, rf
+            self.cached[i] = self.cached[i][:0]
+            self.cached_keys[i] = self.cached_keys[i][:0]
+            self.cached_ages[i] = self.cached_ages[i][:0]
+        self.update_step = 0
