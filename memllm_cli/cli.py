@@ -226,6 +226,28 @@ def status(
         console.print(table)
 
 
+@app.command("list")
+@handle_errors
+def list_(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the memories under MEMLLM_HOME: model, tokens held, versions, snapshots, disk size.
+
+    Examples:
+      memllm list
+    """
+    memories = _service(ctx).list_memories()
+    if as_json:
+        _print_json(memories)
+        return
+    if not memories:
+        _err("memllm: no memories yet: memllm ingest FILE creates one")
+    for m in memories:
+        print(f"{m['memory']}  {m['tokens']}/{m['pool_size']} tokens  {m['versions']} versions  "
+              f"{m['snapshots']} snapshots  {_size(m['disk_bytes'])}  {m['model']}")
+
+
 @app.command("log")
 @handle_errors
 def log_(

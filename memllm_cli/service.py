@@ -536,6 +536,18 @@ class Memllm:
     def memories(self) -> list[str]:
         return self.store.names()
 
+    def list_memories(self) -> list[dict]:
+        """Every memory under MEMLLM_HOME: model, tokens held, versions, snapshots, disk."""
+        out = []
+        for name in self.store.names():
+            info = self.store.info(name)
+            head = self.store.head(name)
+            tokens = self.store.version_meta(name, head)["stats"]["tokens"] if head else 0
+            out.append({"memory": name, "model": info["model"]["name"], "tokens": tokens,
+                        "pool_size": info["pool_size"], "versions": len(self.store.versions(name)),
+                        "snapshots": len(self.store.tags(name)), "disk_bytes": self.store.disk_bytes(name)})
+        return out
+
     # -- internals ---------------------------------------------------------------------
 
     def _new_memory(self, lm: LoadedModel, *, pool_size: int | None = None,

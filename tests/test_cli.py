@@ -234,3 +234,14 @@ def test_ask_works_while_an_ingest_runs(tmp_path, env_model):
     assert asked.returncode == 0, asked.stderr
     assert still_writing  # the answer came while the writer held the lock
     assert writer.returncode == 0
+
+
+def test_list_shows_every_memory(tmp_path, env_model):
+    assert memllm("list").stderr.startswith(b"memllm: no memories yet")
+    (tmp_path / "a.txt").write_text(PARAGRAPH)
+    assert memllm("-m", "one", "ingest", str(tmp_path / "a.txt")).returncode == 0
+    assert memllm("-m", "two", "ingest", str(tmp_path / "a.txt")).returncode == 0
+    listed = json.loads(memllm("list", "--json").stdout)
+    assert [m["memory"] for m in listed] == ["one", "two"]
+    assert listed[0]["tokens"] > 0 and listed[0]["versions"] == 1 and listed[0]["model"] == str(env_model)
+    assert b"one " in memllm("list").stdout
