@@ -10,12 +10,12 @@ import functools
 import json
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from . import __version__
 from .errors import MemllmError
 
 app = typer.Typer(
@@ -28,13 +28,6 @@ app = typer.Typer(
 )
 
 EXIT_INTERRUPTED = 130
-
-
-def _version() -> str:
-    try:
-        return version("memllm")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _err(message: str) -> None:
@@ -86,7 +79,7 @@ def _print_json(data) -> None:
 
 def _version_callback(value: bool) -> None:
     if value:
-        print(f"memllm {_version()}")
+        print(f"memllm {__version__}")
         raise typer.Exit()
 
 

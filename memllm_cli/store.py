@@ -225,8 +225,8 @@ class Store:
             version = self.head(name)
             if version is None:
                 raise MemoryNotFound(f"memory {name!r} has no versions yet")
-        elif base in self.tags(name):
-            version = self.tags(name)[base]
+        elif base in (tags := self.tags(name)):
+            version = tags[base]
         else:
             matches = [v for v in self.versions(name) if re.fullmatch(r"[0-9a-f]{4,64}", base) and v.startswith(base)]
             if len(matches) != 1:
@@ -399,7 +399,7 @@ class Store:
             str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
             for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
         ]
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
             with tarfile.open(tmp, "w") as tar:

@@ -31,6 +31,19 @@ def check(name, got, case, expected):
         torch.testing.assert_close(got, want, atol=spec["atol"], rtol=spec["rtol"], msg=name)
 
 
+def check_generation(model, ids, step, case, expected):
+    tokens, logits = model.generate(ids, step["max_new_tokens"])
+    check(step["expect"][0], torch.tensor(tokens), case, expected)
+    check(step["expect"][1], logits, case, expected)
+
+
+def seeded_inject(model, ids, step):
+    """The injection forward, after the seed the official run set before the call."""
+    if "torch_manual_seed_before_call" in step:
+        torch.manual_seed(step["torch_manual_seed_before_call"])
+    return model.inject(ids)
+
+
 @pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
 @pytest.mark.parametrize("folder", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_fixture_case(folder):
@@ -50,13 +63,9 @@ def test_fixture_case(folder):
         if op == "forward":
             check(names[0], model.forward(ids), case, expected)
         elif op == "greedy_generate":
-            tokens, logits = model.generate(ids, step["max_new_tokens"])
-            check(names[0], torch.tensor(tokens), case, expected)
-            check(names[1], logits, case, expected)
+            check_generation(model, ids, step, case, expected)
         elif op.startswith("inject_memory"):
-            if "torch_manual_seed_before_call" in step:
-                torch.manual_seed(step["torch_manual_seed_before_call"])
-            delta = model.inject(ids)
+            delta = seeded_inject(model, ids, step)
             kept = model.update(delta) if "update_memory=True" in op else None
             for name in names:
                 if "kept_indices" in name:
@@ -105,13 +114,9 @@ def test_mplus_fixture_case(folder):
             if same_order:
                 check(names[0], logits, case, expected)
         elif op == "greedy_generate":
-            tokens, logits = model.generate(ids, step["max_new_tokens"])
-            check(names[0], torch.tensor(tokens), case, expected)
-            check(names[1], logits, case, expected)
+            check_generation(model, ids, step, case, expected)
         elif op.startswith("inject_memory"):
-            if "torch_manual_seed_before_call" in step:
-                torch.manual_seed(step["torch_manual_seed_before_call"])
-            delta = model.inject(ids)
+            delta = seeded_inject(model, ids, step)
             got = {"delta": delta}
             if "update_memory=True" in op:
                 drawn = model.update(delta)
