@@ -32,8 +32,55 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+class Ledger:
+    """What every kind of memory keeps besides its tensors: the documents written, the
+    blocks stored, the updates since the last commit, the seed every drop derives from."""
+
+    def add_source(self, name: str, sha256: str) -> int:
+        self.sources.append({"name": name, "sha256": sha256, "chunks": 0, "tokens": 0, "ingested": now()})
+        return len(self.sources) - 1
+
+    def has_content(self, sha256: str) -> bool:
+        return any(s["sha256"] == sha256 and not s.get("forgotten") for s in self.sources)
+
+    def next_seed(self) -> int:
+        """The seed of the next update's drops, derived from the memory's seed and the update
+        number, so that any sequence of updates can be replayed bit for bit."""
+        return (self.seed + self.update_count * 0x9E3779B97F4A7C15) % (1 << 62)
+
+    def log_update(self, source: int, chunk: int, tokens: int, dropped: int, seed: int) -> dict:
+        update = {"update": self.update_count, "source": source, "chunk": chunk, "tokens": tokens,
+                  "dropped": dropped, "seed": seed}
+        self.update_count += 1
+        self.updates.append(update)
+        self.dropped += dropped
+        src = self.sources[source]
+        src["chunks"] += 1
+        src["tokens"] += tokens
+        return update
+
+    def block_meta(self, source: int, chunk: int, span: tuple[int, int], tokens: int) -> dict:
+        src = self.sources[source]
+        return {"source": src["name"], "source_sha256": src["sha256"], "chunk": chunk,
+                "start": span[0], "end": span[1], "tokens": tokens, "update": self.update_count}
+
+    def committed(self, version: str) -> None:
+        self.head = version
+        self.updates = []
+        self.dropped = 0
+
+    def ledger_meta(self, op: str, message: str, tokens: int) -> dict:
+        return {
+            "parent": self.head, "op": op, "time": now(), "message": message,
+            "pool_size": self.pool_size, "write_context": self.write_context, "dtype": self.dtype,
+            "seed": self.seed, "update_count": self.update_count,
+            "blocks": self.blocks, "sources": self.sources, "updates": self.updates,
+            "stats": {"tokens": tokens, "added": sum(u["tokens"] for u in self.updates), "dropped": self.dropped},
+        }
+
+
 @dataclass
-class Memory:
+class Memory(Ledger):
     pool_size: int  # N: tokens per layer at most
     write_context: int  # pool tokens a chunk is written after
     dtype: str  # storage dtype of keys and values
@@ -61,13 +108,6 @@ class Memory:
 
     # -- writing ---------------------------------------------------------------------
 
-    def add_source(self, name: str, sha256: str) -> int:
-        self.sources.append({"name": name, "sha256": sha256, "chunks": 0, "tokens": 0, "ingested": now()})
-        return len(self.sources) - 1
-
-    def has_content(self, sha256: str) -> bool:
-        return any(s["sha256"] == sha256 and not s.get("forgotten") for s in self.sources)
-
     def write(self, engine: MemoryModel, sink: Pool, ids: list[int], *, source: int, chunk: int,
               span: tuple[int, int] = (0, 0)) -> dict:
         """One update: encode the chunk after sink + recent memory, drop overflow, append."""
@@ -80,26 +120,15 @@ class Memory:
             "row": torch.arange(count, dtype=torch.int64),
             "block": torch.full((count,), -1 - len(self.pending), dtype=torch.int64),
         }
-        seed = (self.seed + self.update_count * 0x9E3779B97F4A7C15) % (1 << 62)
+        seed = self.next_seed()
         overflow = max(0, len(self.pool) + count - self.pool_size)
         if overflow:
             self.pool = self.pool.select(drop_uniform(len(self.pool), overflow, seed))  # (L, Hkv, N - T, hd)
         self.pool = self.pool + new  # (L, Hkv, <= N, hd)
-        src = self.sources[source]
-        src["chunks"] += 1
-        src["tokens"] += count
         if self.keep_blocks:
             states = {"keys": new.keys.permute(2, 0, 1, 3), "values": new.values.permute(2, 0, 1, 3)}  # (T, L, Hkv, hd)
-            self.pending.append((states, {
-                "source": src["name"], "source_sha256": src["sha256"], "chunk": chunk,
-                "start": span[0], "end": span[1], "tokens": count, "update": self.update_count,
-            }))
-        update = {"update": self.update_count, "source": source, "chunk": chunk, "tokens": count,
-                  "dropped": overflow, "seed": seed}
-        self.update_count += 1
-        self.updates.append(update)
-        self.dropped += overflow
-        return update
+            self.pending.append((states, self.block_meta(source, chunk, span, count)))
+        return self.log_update(source, chunk, count, overflow, seed)
 
     def settle(self, written: list[str]) -> None:
         """The pending blocks were stored under these ids: point their tokens at them."""
@@ -133,21 +162,7 @@ class Memory:
             raise RuntimeError("settle pending blocks before recording a version")
         tags = self.pool.tags
         tensors = {name: tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
-        added = sum(u["tokens"] for u in self.updates)
-        meta = {
-            "parent": self.head, "op": op, "time": now(), "message": message,
-            "pool_size": self.pool_size, "write_context": self.write_context, "dtype": self.dtype,
-            "seed": self.seed, "update_count": self.update_count,
-            "blocks": self.blocks, "sources": self.sources, "updates": self.updates,
-            "stats": {"tokens": len(self), "added": added, "dropped": self.dropped},
-            **extra,
-        }
-        return tensors, meta
-
-    def committed(self, version: str) -> None:
-        self.head = version
-        self.updates = []
-        self.dropped = 0
+        return tensors, {**self.ledger_meta(op, message, len(self)), **extra}
 
     @classmethod
     def from_version(cls, version: str, tensors: dict[str, torch.Tensor], meta: dict, states: Pool | None) -> Memory:

@@ -25,7 +25,8 @@ from filelock import FileLock, Timeout
 
 from .engine import MemoryModel
 from .errors import ModelError
-from .prompts import PromptFormat
+from .official import OfficialMemoryLLM
+from .prompts import PromptFormat, TrainedPrompt
 
 log = logging.getLogger("memllm")
 
@@ -46,10 +47,31 @@ _FINGERPRINT_KEYS = (
 @dataclass
 class LoadedModel:
     name: str  # what the user asked for, normalised ("smollm2-135m-instruct", a path, a hub id)
-    engine: MemoryModel
+    engine: MemoryModel | OfficialMemoryLLM
     tokenizer: object
-    prompt: PromptFormat
+    prompt: PromptFormat | TrainedPrompt
     fingerprint: str  # sha256 hex of config and weight samples: which model wrote a memory
+    kind: str = "training-free"  # or "trained": an official MemoryLLM / M+ checkpoint
+
+    @property
+    def trained(self) -> bool:
+        return self.kind == "trained"
+
+    def stop_ids(self) -> frozenset[int]:
+        """End-of-sequence ids: the generation config's and the tokenizer's, and for the
+        trained chat checkpoints Llama-3's end of turn, as the official README stops."""
+        ids = set()
+        config = getattr(getattr(self.engine, "model", None), "generation_config", None)
+        for value in (getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        if self.trained:
+            eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+            if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+                ids.add(eot)
+        return frozenset(ids)
 
 
 def embedded_gguf() -> Path:
@@ -90,7 +112,8 @@ def resolve(spec: str) -> tuple[str, Path | str]:
 
 
 def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
-    """Load a model for memory use. Never runs remote code."""
+    """Load a model for memory use: an official MemoryLLM / M+ checkpoint (trained kind) or
+    any decoder-only Hugging Face model (training-free kind). Never runs remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -99,6 +122,9 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     name, source = resolve(spec)
     if isinstance(source, Path) and source.suffix == ".gguf":
         source = _converted_gguf(source, cache_dir)
+    checkpoint = trained_checkpoint(source)
+    if checkpoint is not None:
+        return _load_trained(name, checkpoint, device, dtype)
     torch_dtype = _dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
@@ -108,6 +134,61 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     model.to(device)
     engine = MemoryModel(model, device=device)
     return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), fingerprint(model))
+
+
+def is_trained_config(config: dict) -> bool:
+    """MemoryLLM and M+ configs carry num_tokens and num_blocks (model_type may say "llama")."""
+    return "num_tokens" in config and "num_blocks" in config
+
+
+def trained_checkpoint(source: Path | str) -> Path | None:
+    """The local directory of an official MemoryLLM / M+ checkpoint, or None for other models.
+    A hub id is looked up in the Hugging Face cache, and downloaded where the network allows."""
+    if isinstance(source, Path):
+        try:
+            config = json.loads((source / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return source if is_trained_config(config) else None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        config = json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+        if not is_trained_config(config):
+            return None
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated repo: transformers says it best
+        log.debug("not a trained checkpoint on the hub (%s): %s", source, err)
+        return None
+
+
+def _load_trained(name: str, path: Path, device: str, dtype: str | None) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    torch_dtype = _dtype(dtype if dtype not in (None, "auto") else ("bfloat16" if device != "cpu" else "float32"))
+    engine = OfficialMemoryLLM.load(path, dtype=torch_dtype, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(
+            f"{path} has no usable tokenizer: {_first_line(err)}",
+            hint="the official checkpoints ship tokenizer files beside config.json; copy them there",
+        ) from err
+    prompt = TrainedPrompt.for_tokenizer(tokenizer, bos_embedding=engine.c.add_bos)
+    return LoadedModel(name, engine, tokenizer, prompt, trained_fingerprint(engine), kind="trained")
+
+
+def trained_fingerprint(engine: OfficialMemoryLLM) -> str:
+    """The config and samples of the weights and the checkpoint's own memory."""
+    raw = {k: v for k, v in engine.c.raw.items()
+           if k not in ("transformers_version", "torch_dtype", "architectures", "_name_or_path", "use_cache")}
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
+    samples = [(n, engine.w[n]) for n in sorted(engine.w)[:4] + sorted(engine.w)[-4:]]
+    samples.append(("memory", engine.checkpoint_rows[0]))
+    for name, tensor in samples:
+        digest.update(name.encode())
+        digest.update(tensor.detach().flatten()[:4096].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint(model) -> str:

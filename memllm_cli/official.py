@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from .engine import _pick
 from .errors import ModelError
 
 ENCODER, DECODER = "default", "decoder_adapter"  # peft adapter names: writing, reading
+ROW_SPAN = 1 << 32  # row id = block index * ROW_SPAN + row in the block
+CHECKPOINT, CHECKPOINT_LTM = 0, 1  # block indices of the checkpoint's own pool and long-term rows
 
 
 @dataclass
@@ -106,23 +110,129 @@ def available_bytes() -> int | None:
     return None
 
 
-class OfficialMemoryLLM:
-    """A MemoryLLM checkpoint: forward, greedy generation, injection and the memory update."""
+def row_ids(block: int, rows: torch.Tensor) -> torch.Tensor:
+    """Ids of memory rows: block index * 2^32 + row in the block. The engine carries them
+    through every selection so the store can say where each row of the pool came from."""
+    return block * ROW_SPAN + rows.to(torch.int64)
 
-    def __init__(self, config: Config, tensors: dict[str, torch.Tensor]) -> None:
+
+def split_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, row) of row ids; pending blocks have negative indices."""
+    return torch.div(ids, ROW_SPAN, rounding_mode="floor"), torch.remainder(ids, ROW_SPAN)
+
+
+def tile_index(n: int, size: int) -> torch.Tensor:
+    """Rows of an n-row delta that fill a size-row pool at the first write, as the official
+    code tiles it: whole copies, then the last size % n rows (or the last size rows)."""
+    if n >= size:
+        return torch.arange(n - size, n)
+    return torch.cat([torch.arange(n)] * (size // n) + [torch.arange(n - size % n, n)])  # (size,)
+
+
+def plan_devices(config: Config, shapes: dict[str, list[int]], dtype: torch.dtype, device: str) -> dict[str, str]:
+    """Device of each checkpoint part: "model.embed_tokens", "model.layers.{i}" (with the
+    layer's memory rows), "model.norm", "lm_head" and "bos_embedding".
+
+    "cpu", "cuda", "cuda:N": everything there. "auto": the CPU without a GPU, the GPU with
+    one, and with several an accelerate device map that balances whole layers over them."""
+    parts = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(config.layers)), "model.norm", "lm_head"]
+    if device == "auto":
+        count = torch.cuda.device_count()
+        device = "cpu" if count == 0 else "cuda:0" if count == 1 else "map"
+    if device != "map":
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ModelError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N or auto") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"device {device} was asked for, but no CUDA GPU is available")
+        return {part: device for part in parts}
+    return accelerate_map(config, shapes, dtype)
+
+
+def accelerate_map(config: Config, shapes: dict[str, list[int]], dtype: torch.dtype,
+                   max_memory: dict | None = None) -> dict[str, str]:
+    """accelerate's balanced device map over a weightless skeleton of the checkpoint, in which
+    each layer owns its memory rows (and long-term rows), so a layer is never split."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+
+    class Layer(torch.nn.Module):
+        pass
+
+    root = torch.nn.Module()
+    with init_empty_weights():
+        for name, shape in shapes.items():
+            if name == "memory":
+                for i in range(config.layers):
+                    _attach(root, f"model.layers.{i}.memory_rows", shape[1:], dtype, Layer)
+            elif name.split(".")[0] in ("ltm", "ltm_keys", "ltm_recall_frequencies", "ltm_ages"):
+                _attach(root, f"model.layers.{name.split('.')[1]}.{name.split('.')[0]}", shape, dtype, Layer)
+            elif name not in ("initialized", "bos_embedding", "new_memory_positional_emb"):
+                _attach(root, name, shape, dtype, Layer)
+    max_memory = max_memory or get_balanced_memory(root, dtype=dtype, no_split_module_classes=["Layer"])
+    found = infer_auto_device_map(root, max_memory=max_memory, no_split_module_classes=["Layer"], dtype=dtype)
+    out = {}
+    for part in ["model.embed_tokens", *(f"model.layers.{i}" for i in range(config.layers)), "model.norm", "lm_head"]:
+        where = next((d for prefix, d in sorted(found.items(), key=lambda kv: -len(kv[0]))
+                      if part == prefix or part.startswith(prefix + ".") or prefix == ""), "cpu")
+        if where == "disk":
+            raise ModelError("the checkpoint does not fit in GPU and CPU memory together")
+        out[part] = f"cuda:{where}" if isinstance(where, int) else str(where)
+    return out
+
+
+def _attach(root: torch.nn.Module, name: str, shape, dtype: torch.dtype, layer_class) -> None:
+    *path, leaf = name.split(".")
+    module = root
+    for depth, part in enumerate(path):
+        if not hasattr(module, part):
+            is_layer = depth == 2 and path[:2] == ["model", "layers"]
+            module.add_module(part, layer_class() if is_layer else torch.nn.Module())
+        module = getattr(module, part)
+    module.register_parameter(leaf, torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+
+
+class OfficialMemoryLLM:
+    """A MemoryLLM checkpoint: forward, generation, injection and the memory update.
+
+    The pool is kept per layer (a list of (N, d) tensors), so that layers may live on
+    different devices; `row_ids` follow every row (see `row_ids`), on the CPU."""
+
+    STATE = ("rows", "row_ids", "initialized")
+
+    def __init__(self, config: Config, tensors: dict[str, torch.Tensor], devices: dict[str, str] | None = None) -> None:
         self.c = config
-        self.w = tensors
-        self.memory = tensors["memory"].clone()  # (L, N, d)
-        self.initialized = bool(int(tensors.get("initialized", torch.tensor(1))))
-        self.bos = tensors.get("bos_embedding")  # (L, 1, d) or None
-        self.new_memory_emb = tensors["new_memory_positional_emb"]  # (1, 1, d)
+        layers = range(config.layers)
+        devices = devices or {}
+        self.layer_devices = [torch.device(devices.get(f"model.layers.{i}", "cpu")) for i in layers]
+        self.devices = devices
+        self.w = {name: t.to(self._device_of(name)) for name, t in tensors.items()}
+        memory = self.w.pop("memory")  # (L, N, d)
+        self.checkpoint_rows = [memory[i].to(self.layer_devices[i]) for i in layers]  # L x (N, d)
+        self.checkpoint_initialized = bool(int(tensors.get("initialized", torch.tensor(1))))
+        self.rows = list(self.checkpoint_rows)
+        self.row_ids = [row_ids(CHECKPOINT, torch.arange(len(self.rows[0]))) for _ in layers]
+        self.initialized = self.checkpoint_initialized
+        bos = self.w.get("bos_embedding")  # (L, 1, d) or None
+        self.bos = [bos[i].to(self.layer_devices[i]) for i in layers] if bos is not None else None
+        self.new_memory_emb = self.w["new_memory_positional_emb"][0]  # (1, d)
         hd = config.head_dim
-        self.inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
+        self.inv_freq = {d: inv_freq.to(d) for d in set(self.layer_devices)}
+
+    def _device_of(self, name: str) -> torch.device:
+        for part, device in self.devices.items():
+            if name == part or name.startswith(part + "."):
+                return torch.device(device)
+        if name.startswith(("ltm", "bos_embedding")):
+            return torch.device("cpu")  # placed per layer later
+        return torch.device(self.devices.get("model.embed_tokens", "cpu"))
 
     @classmethod
-    def load(cls, path: Path, dtype: torch.dtype = torch.float32) -> OfficialMemoryLLM:
+    def load(cls, path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> OfficialMemoryLLM:
         """Load config.json and every *.safetensors shard of a checkpoint directory, after
-        checking that the tensors fit in the memory available for this dtype."""
+        checking that the tensors fit in the memory available for this dtype and device."""
         path = Path(path)
         try:
             config = json.loads((path / "config.json").read_text())
@@ -133,13 +243,29 @@ class OfficialMemoryLLM:
             raise ModelError(
                 f"no .safetensors files in {path}", hint="a checkpoint has config.json and safetensors shards"
             )
-        parsed = Config.from_dict(config)
+        try:
+            parsed = Config.from_dict(config)
+        except KeyError as err:
+            raise ModelError(f"{path / 'config.json'} lacks {err}: not a MemoryLLM checkpoint") from None
+        shapes = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                shapes.update({key: f.get_slice(key).get_shape() for key in f.keys()})
+        missing = {"memory", "new_memory_positional_emb", "model.embed_tokens.weight"} - set(shapes)
+        if missing:
+            raise ModelError(f"{path.name} is not a MemoryLLM checkpoint: it lacks {', '.join(sorted(missing))}")
+        devices = plan_devices(parsed, shapes, dtype, device)
         need = estimate_bytes(files, dtype)
-        available = available_bytes()
+        on_gpu = sorted({d for d in devices.values() if d.startswith("cuda")})
+        if on_gpu:
+            available = sum(torch.cuda.mem_get_info(torch.device(d))[0] for d in on_gpu)
+            where = "GPU memory"
+        else:
+            available, where = available_bytes(), "memory"
         if available is not None and need > 0.9 * available:
             raise ModelError(
                 f"{path.name} needs about {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
-                f"but only {available / 2**30:.1f} GiB of memory is available",
+                f"but only {available / 2**30:.1f} GiB of {where} is available",
                 hint="choose a smaller dtype (bfloat16) or a machine with more memory",
             )
         tensors = {}
@@ -148,7 +274,52 @@ class OfficialMemoryLLM:
                 for key in f.keys():
                     t = f.get_tensor(key)
                     tensors[key] = t.to(dtype) if t.is_floating_point() else t
-        return (MPlus if parsed.variant == "mplus" else cls)(parsed, tensors)
+        return (MPlus if parsed.variant == "mplus" else cls)(parsed, tensors, devices)
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def memory(self) -> torch.Tensor:
+        """The pool as one (L, N, d) tensor on the CPU."""
+        return torch.stack([r.cpu() for r in self.rows])
+
+    def state(self) -> dict:
+        """The mutable memory state (shallow: tensors are replaced, never written in place)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in self.STATE)}
+
+    def set_state(self, state: dict) -> None:
+        for k in self.STATE:
+            v = state[k]
+            setattr(self, k, list(v) if isinstance(v, list) else v)
+
+    def initial_state(self) -> dict:
+        """The state of the freshly loaded checkpoint."""
+        return {
+            "rows": list(self.checkpoint_rows),
+            "row_ids": [row_ids(CHECKPOINT, torch.arange(len(r))) for r in self.checkpoint_rows],
+            "initialized": self.checkpoint_initialized,
+        }
+
+    def forget(self, gone) -> int:
+        """Replace the pool rows whose ids `gone(ids) -> bool mask` selects by the checkpoint's
+        rows at the same positions; returns how many rows (over all layers) were replaced.
+        When every row is the checkpoint's again, the memory is as freshly loaded."""
+        count = 0
+        for i in range(self.c.layers):
+            mask = gone(self.row_ids[i])
+            if mask.any():
+                where = torch.nonzero(mask).flatten()
+                rows = self.rows[i].clone()
+                rows[where.to(rows.device)] = self.checkpoint_rows[i][where.to(rows.device)]
+                ids = self.row_ids[i].clone()
+                ids[where] = row_ids(CHECKPOINT, where)
+                self.rows[i], self.row_ids[i] = rows, ids
+                count += len(where)
+        if not self.checkpoint_initialized and all(
+            bool((split_ids(ids)[0] == CHECKPOINT).all()) for ids in self.row_ids
+        ):
+            self.initialized = False
+        return count
 
     # -- building blocks ---------------------------------------------------------------
 
@@ -168,7 +339,7 @@ class OfficialMemoryLLM:
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (heads, S, hd) rotated at positions (S,)."""
-        angles = (positions.float() * self.c.rope_scale)[:, None] * self.inv_freq[None]  # (S, hd/2)
+        angles = (positions.float() * self.c.rope_scale)[:, None] * self.inv_freq[x.device][None]  # (S, hd/2)
         emb = torch.cat([angles, angles], dim=-1)  # (S, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         half = x.shape[-1] // 2
@@ -187,6 +358,8 @@ class OfficialMemoryLLM:
         Keys and values come from all S rows (and the cache, if any); queries from the last
         S - P rows; query i sees the prefix, the cache and rows up to its own."""
         c, p = self.c, f"model.layers.{i}"
+        device = s.device
+        positions = positions.to(device)
         x = self._norm(s, self.w[f"{p}.input_layernorm.weight"])  # (S, d)
         q = self._linear(x[prefix:], f"{p}.self_attn.q_proj", adapter)  # (S-P, H*hd)
         k = self._linear(x, f"{p}.self_attn.k_proj", adapter)  # (S, Hkv*hd)
@@ -203,13 +376,13 @@ class OfficialMemoryLLM:
                 cache[i] = (k, v)
             else:
                 cache.append((k, v))
-        groups = c.heads // c.kv_heads
-        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)  # (H, past+S, hd)
         queries, keys = q.shape[1], k.shape[1]
-        allowed = torch.arange(keys)[None, :] <= (past + prefix + torch.arange(queries))[:, None]  # (S-P, past+S)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(c.head_dim)  # (H, S-P, past+S)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (H, S-P, hd)
+        mask = None
+        if queries > 1:  # one query (a decode step) sees every key
+            mask = torch.arange(keys, device=device)[None, :] <= (
+                past + prefix + torch.arange(queries, device=device)
+            )[:, None]  # (S-P, past+S)
+        attn = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
         attn = attn.transpose(0, 1).reshape(queries, c.heads * c.head_dim)  # (S-P, H*hd)
         h = s[prefix:] + self._linear(attn, f"{p}.self_attn.o_proj", adapter)  # (S-P, d)
         x = self._norm(h, self.w[f"{p}.post_attention_layernorm.weight"])
@@ -219,12 +392,17 @@ class OfficialMemoryLLM:
         )
         return h + mlp  # (S-P, d)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.w["model.embed_tokens.weight"]
+        return table[ids.to(table.device)]  # (T, d)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self._norm(h, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T  # (T, V)
+        norm = self.w["model.norm.weight"]
+        return self._norm(h.to(norm.device), norm) @ self.w["lm_head.weight"].T  # (T, V)
 
     def _read_rows(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """The memory rows layer i reads in front of the input h (T, d): its whole pool."""
-        return self.memory[i]  # (N, d)
+        return self.rows[i]  # (N, d)
 
     def _prefix(self, i: int, rows: torch.Tensor) -> torch.Tensor:
         """[bos[i] | rows] if the checkpoint has bos embeddings."""
@@ -236,9 +414,10 @@ class OfficialMemoryLLM:
     def forward(self, ids: torch.Tensor, cache: list | None = None, start: int = 0) -> torch.Tensor:
         """Logits (T, V) for ids (T,). With a cache, `start` is the position of ids[0] and the
         memory is already in the cache (decode steps); without, every layer prepends its memory."""
-        h = self.w["model.embed_tokens.weight"][ids]  # (T, d)
+        h = self._embed(ids)  # (T, d)
         adapter = self._adapter(False)
         for i in range(self.c.layers):
+            h = h.to(self.layer_devices[i])
             if cache is not None and len(cache) > i:
                 positions = torch.arange(start, start + len(ids))
                 h = self._layer(i, h, 0, positions, adapter, cache)
@@ -250,34 +429,43 @@ class OfficialMemoryLLM:
                 h = self._layer(i, h, 0, torch.arange(len(ids)), adapter, cache)
         return self._logits(h)
 
-    @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
-        """Greedy tokens and the logits that chose each, with a KV cache of bos + memory + tokens."""
+    def stream(
+        self, ids: torch.Tensor, max_new_tokens: int, *, stop_ids: frozenset[int] = frozenset(),
+        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (token, the logits that chose it) one at a time, with a KV cache of
+        bos + memory + tokens; greedy when temperature is 0; stops before a stop id."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         cache: list = []
         logits = self.forward(ids, cache)[-1]  # (V,)
-        tokens, steps = [], [logits]
-        for _ in range(max_new_tokens):
-            tokens.append(int(logits.argmax()))
-            if len(tokens) == max_new_tokens:
-                break
-            length = cache[0][0].shape[1]
-            logits = self.forward(torch.tensor([tokens[-1]]), cache, start=length)[-1]
-            steps.append(logits)
-        return tokens, torch.stack(steps)  # (n_new, V)
+        for n in range(max_new_tokens):
+            token = _pick(logits.float().cpu(), temperature, top_p, top_k, generator)
+            if token in stop_ids:
+                return
+            yield token, logits
+            if n == max_new_tokens - 1:
+                return
+            logits = self.forward(torch.tensor([token]), cache, start=cache[0][0].shape[1])[-1]
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy tokens and the logits that chose each (as the official generate)."""
+        steps = list(self.stream(ids, max_new_tokens))
+        return [t for t, _ in steps], torch.stack([logits.cpu() for _, logits in steps])  # (n_new, V)
 
     # -- writing -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def inject(self, ids: torch.Tensor) -> torch.Tensor:
-        """The new memory rows a context writes: delta (L, K', d); K' = K once initialized."""
+    def inject(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The new memory rows a context writes: L x (K', d); K' = K once initialized."""
         c = self.c
-        h = self.w["model.embed_tokens.weight"][ids]  # (T, d)
+        h = self._embed(ids)  # (T, d)
         adapter = self._adapter(True)
-        emb = self.new_memory_emb[0]  # (1, d)
         deltas = []
         for i in range(c.layers):
+            h = h.to(self.layer_devices[i])
+            emb = self.new_memory_emb.to(h.device)  # (1, d)
             if self.initialized:
-                tail = self.memory[i][-c.num_tokens:]  # (K, d): only the memory tail is read
+                tail = self.rows[i][-c.num_tokens:]  # (K, d): only the memory tail is read
                 s = torch.cat([self._prefix(i, tail), h])  # (1+K+T, d)
                 s = torch.cat([s[: -c.num_tokens], s[-c.num_tokens:] + emb])  # the last K rows get the vector
                 prefix = (1 if c.add_bos else 0) + min(c.num_tokens, len(ids))
@@ -293,38 +481,37 @@ class OfficialMemoryLLM:
         if not self.initialized and c.variant == "main":
             # Official quirk: the delta of layer l is a view into layer l's output, to which layer
             # l+1 adds the positional vector in place; so every layer but the last carries it.
-            deltas = [d + emb if i < c.layers - 1 else d for i, d in enumerate(deltas)]
-        return torch.stack(deltas)  # (L, K', d)
+            deltas = [d + self.new_memory_emb.to(d.device) if i < c.layers - 1 else d for i, d in enumerate(deltas)]
+        return deltas
 
-    def update(self, delta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """Write delta (L, n, d) into the memory; returns the kept indices ((keep,) or (L, keep)),
-        or None for the first write, which tiles the delta over the whole pool."""
+    def update(self, delta: list[torch.Tensor], generator: torch.Generator | None = None,
+               ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Write delta (L x (n, d)) into the memory; `ids` (n,) are the new rows' ids. Returns
+        the kept indices ((keep,) or (L, keep)), or None for the first write, which tiles
+        the delta over the whole pool."""
         c = self.c
+        n = len(delta[0])
+        ids = ids if ids is not None else torch.full((n,), -1, dtype=torch.int64)
+        size = len(self.rows[0])
         if not self.initialized:
-            n, size = delta.shape[1], self.memory.shape[1]
-            if n < size:
-                copies = [delta] * (size // n) + ([delta[:, n - size % n:]] if size % n else [])
-                self.memory = torch.cat(copies, dim=1)  # (L, N, d)
-            else:
-                self.memory = delta[:, -size:].clone()
+            index = tile_index(n, size)  # the official code concatenates copies: the same rows
+            self.rows = [d[index.to(d.device)] for d in delta]
+            self.row_ids = [ids[index] for _ in delta]
             self.initialized = True
             return None
-        size = self.memory.shape[1]
         drop = int(size * (1 / c.num_blocks))  # float64, as the official code (K-1 for some B)
-        if delta.shape[1] != c.num_tokens:
-            drop = delta.shape[1]
+        if n != c.num_tokens:
+            drop = n
         keep = size - drop
 
         def kept_rows() -> torch.Tensor:
             return torch.randperm(size, generator=generator)[:keep].sort().values
 
-        if c.per_layer_drop:
-            kept = torch.stack([kept_rows() for _ in range(c.layers)])  # (L, keep)
-            rows = [self.memory[i][kept[i]] for i in range(c.layers)]
-        else:
-            kept = kept_rows()  # (keep,)
-            rows = [self.memory[i][kept] for i in range(c.layers)]
-        self.memory = torch.stack([torch.cat([rows[i], delta[i]]) for i in range(c.layers)])  # (L, keep+n, d)
+        kept = torch.stack([kept_rows() for _ in range(c.layers)]) if c.per_layer_drop else kept_rows()
+        for i in range(c.layers):
+            rows = kept[i] if c.per_layer_drop else kept  # (keep,)
+            self.rows[i] = torch.cat([self.rows[i][rows.to(self.rows[i].device)], delta[i]])  # (keep+n, d)
+            self.row_ids[i] = torch.cat([self.row_ids[i][rows], ids])
         return kept
 
 
@@ -336,31 +523,82 @@ class MPlus(OfficialMemoryLLM):
     LTM rows against the input and places the R best in front of the short-term pool.
     State that the official code keeps outside the checkpoint (STM ages, the cache, the
     update step) starts empty after loading, as there.
+
+    A row's retrieval key is computed once, when the row enters the short-term pool (the
+    official code computes it when the row is dropped, from the same row; the values agree
+    to float rounding), so that stored rows carry their keys and reload bit for bit.
     """
 
-    def __init__(self, config: Config, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__(config, tensors)
+    STATE = OfficialMemoryLLM.STATE + (
+        "row_keys", "ages", "cached", "cached_keys", "cached_ages", "cached_ids",
+        "ltm", "ltm_keys", "ltm_rf", "ltm_ages", "ltm_ids", "update_step",
+    )
+
+    def __init__(self, config: Config, tensors: dict[str, torch.Tensor], devices: dict[str, str] | None = None) -> None:
+        super().__init__(config, tensors, devices)
         raw = config.raw
         k = config.num_tokens
         self.retrieve_count = raw["num_ltm_blocks"] * k  # R
         self.frequency = raw["update_ltm_frequency"]
         self.decay = raw["decay_frequency"]
         self.rf0 = raw["initial_rf_when_moving_stm_to_ltm"]
-        self.initialized = True  # M+ has no `initialized` buffer: always initialized
+        self.initialized = self.checkpoint_initialized = True  # M+ has no `initialized` buffer: always initialized
         layers = range(config.layers)
-        self.ltm = [tensors[f"ltm.{i}"].clone() for i in layers]  # (M, d) each
-        self.ltm_keys = [tensors[f"ltm_keys.{i}"].clone() for i in layers]  # (M, s)
-        self.ltm_rf = [tensors[f"ltm_recall_frequencies.{i}"].clone() for i in layers]  # (M,)
-        self.ltm_ages = [tensors[f"ltm_ages.{i}"].to(torch.int64) for i in layers]  # (M,)
-        n = self.memory.shape[1]
-        self.ages = [torch.zeros(n, dtype=torch.int64) for _ in layers]  # STM ages (Ns,)
-        dim = config.hidden
-        width = self.ltm_keys[0].shape[1]
-        self.cached = [torch.empty(0, dim, dtype=self.memory.dtype) for _ in layers]  # dropped rows
-        self.cached_keys = [torch.empty(0, width, dtype=self.memory.dtype) for _ in layers]
-        self.cached_ages = [torch.empty(0, dtype=torch.int64) for _ in layers]
-        self.update_step = 0
+        dev = self.layer_devices
+        self.checkpoint_ltm = [self.w.pop(f"ltm.{i}").to(dev[i]) for i in layers]  # (M, d) each
+        self.checkpoint_ltm_keys = [self.w.pop(f"ltm_keys.{i}").to(dev[i]) for i in layers]  # (M, s)
+        self.checkpoint_ltm_rf = [self.w.pop(f"ltm_recall_frequencies.{i}").to(dev[i]) for i in layers]  # (M,)
+        self.checkpoint_ltm_ages = [self.w.pop(f"ltm_ages.{i}").to(torch.int64).cpu() for i in layers]  # (M,)
+        self.checkpoint_keys = [self._keys(i, self.checkpoint_rows[i]) for i in layers]  # (N, s)
+        self.set_state(self.initial_state())
         self.retrieved: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64) for _ in layers]
+
+    def initial_state(self) -> dict:
+        state = super().initial_state()
+        layers = range(self.c.layers)
+        n = len(self.checkpoint_rows[0])
+        width = self.checkpoint_ltm_keys[0].shape[1]
+
+        def empty(i: int, *shape: int) -> torch.Tensor:
+            return torch.empty(0, *shape, dtype=self.checkpoint_rows[i].dtype, device=self.layer_devices[i])
+
+        return state | {
+            "row_keys": list(self.checkpoint_keys),
+            "ages": [torch.zeros(n, dtype=torch.int64) for _ in layers],  # STM ages (Ns,)
+            "cached": [empty(i, self.c.hidden) for i in layers],  # dropped rows waiting for the merge
+            "cached_keys": [empty(i, width) for i in layers],
+            "cached_ages": [torch.empty(0, dtype=torch.int64) for _ in layers],
+            "cached_ids": [torch.empty(0, dtype=torch.int64) for _ in layers],
+            "ltm": list(self.checkpoint_ltm),
+            "ltm_keys": list(self.checkpoint_ltm_keys),
+            "ltm_rf": list(self.checkpoint_ltm_rf),
+            "ltm_ages": list(self.checkpoint_ltm_ages),
+            "ltm_ids": [row_ids(CHECKPOINT_LTM, torch.arange(len(r))) for r in self.checkpoint_ltm],
+            "update_step": 0,
+        }
+
+    def forget(self, gone) -> int:
+        """As MemoryLLM's, and the long-term rows (and rows waiting to merge) that `gone`
+        selects are removed."""
+        before = [ids.clone() for ids in self.row_ids]
+        count = super().forget(gone)
+        for i in range(self.c.layers):
+            replaced = before[i] != self.row_ids[i]
+            if replaced.any():
+                keys = self.row_keys[i].clone()
+                where = torch.nonzero(replaced).flatten().to(keys.device)
+                keys[where] = self.checkpoint_keys[i][where]
+                self.row_keys[i] = keys
+            for prefix, parts in (("cached", ("cached", "cached_keys", "cached_ages")),
+                                  ("ltm", ("ltm", "ltm_keys", "ltm_rf", "ltm_ages"))):
+                ids = getattr(self, f"{prefix}_ids")[i]
+                keep = ~gone(ids)
+                if not keep.all():
+                    count += int((~keep).sum())
+                    for part in (*parts, f"{prefix}_ids"):
+                        values = getattr(self, part)
+                        values[i] = values[i][keep.to(values[i].device)]
+        return count
 
     def _selector(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if f"{name}.weight" in self.w:  # one layer
@@ -381,7 +619,7 @@ class MPlus(OfficialMemoryLLM):
         r = self.retrieve_count
         if len(keys) >= r:
             scores = torch.sigmoid(queries @ keys.T).mean(dim=0)  # (M',)
-            ids = torch.topk(scores, r).indices.sort().values  # (R,)
+            ids = torch.topk(scores, r).indices.sort().values.cpu()  # (R,)
         else:  # degenerate: fewer rows than slots, filled cyclically
             ids = torch.arange(r) % max(len(keys), 1)
         # oldest first: numpy's argsort of the ages, reversed (for R <= 16 numpy sorts by
@@ -389,32 +627,34 @@ class MPlus(OfficialMemoryLLM):
         order = np.argsort(ages[ids].numpy())[::-1].copy()
         ids = ids[torch.from_numpy(order)]
         self.retrieved[i] = ids
-        return torch.cat([rows[ids], self.memory[i]])  # (R + Ns, d)
+        return torch.cat([rows[ids.to(rows.device)], self.rows[i]])  # (R + Ns, d)
 
-    def update(self, delta: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def update(self, delta: list[torch.Tensor], generator: torch.Generator | None = None,
+               ids: torch.Tensor | None = None) -> dict:
         """Drop K short-term rows per layer into the cache, append delta; merge into the LTM
         every `update_ltm_frequency` updates. Returns kept, dropped and the raw permutations."""
         k = self.c.num_tokens
-        n = self.memory.shape[1]
-        kept_all, dropped_all, perms, memory = [], [], [], []
-        new_rows, new_keys, new_ages = [], [], []
+        n = len(self.rows[0])
+        ids = ids if ids is not None else torch.full((len(delta[0]),), -1, dtype=torch.int64)
+        kept_all, dropped_all, perms = [], [], []
         for i in range(self.c.layers):
             perm = torch.randperm(n, generator=generator)  # (Ns,)
             kept, dropped = perm[: n - k].sort().values, perm[n - k:].sort().values
-            memory.append(torch.cat([self.memory[i][kept], delta[i]]))  # (Ns, d)
-            new_rows.append(self.memory[i][dropped])
-            new_keys.append(self._keys(i, self.memory[i][dropped]))
-            new_ages.append(self.ages[i][dropped])  # dropped rows keep their STM ages
+            rows, keys = self.rows[i], self.row_keys[i]
+            on = rows.device
+            self.cached[i] = torch.cat([self.cached[i], rows[dropped.to(on)]])
+            self.cached_keys[i] = torch.cat([self.cached_keys[i], keys[dropped.to(on)]])
+            # dropped rows keep their STM ages; everything already waiting ages by K
+            self.cached_ages[i] = torch.cat([self.cached_ages[i] + k, self.ages[i][dropped]])
+            self.cached_ids[i] = torch.cat([self.cached_ids[i], self.row_ids[i][dropped]])
+            self.rows[i] = torch.cat([rows[kept.to(on)], delta[i]])  # (Ns, d)
+            self.row_keys[i] = torch.cat([keys[kept.to(on)], self._keys(i, delta[i])])
+            self.row_ids[i] = torch.cat([self.row_ids[i][kept], ids])
             self.ages[i] = torch.cat([self.ages[i][kept], torch.arange(k - 1, -1, -1)])
+            self.ltm_ages[i] = self.ltm_ages[i] + k
             kept_all.append(kept)
             dropped_all.append(dropped)
             perms.append(perm)
-        self.memory = torch.stack(memory)  # (L, Ns, d)
-        for i in range(self.c.layers):
-            self.ltm_ages[i] = self.ltm_ages[i] + k
-            self.cached_ages[i] = torch.cat([self.cached_ages[i] + k, new_ages[i]])
-            self.cached[i] = torch.cat([self.cached[i], new_rows[i]])
-            self.cached_keys[i] = torch.cat([self.cached_keys[i], new_keys[i]])
         self.update_step += k
         if self.update_step >= self.frequency * k:
             self._merge()
@@ -428,15 +668,20 @@ class MPlus(OfficialMemoryLLM):
             rows = torch.cat([self.ltm[i], self.cached[i]])
             keys = torch.cat([self.ltm_keys[i], self.cached_keys[i]])
             ages = torch.cat([self.ltm_ages[i], self.cached_ages[i]])
-            rf = torch.cat([self.ltm_rf[i], torch.full((len(self.cached[i]),), float(self.rf0), dtype=rows.dtype)])
+            ids = torch.cat([self.ltm_ids[i], self.cached_ids[i]])
+            rf = torch.cat([self.ltm_rf[i], torch.full((len(self.cached[i]),), float(self.rf0), dtype=rows.dtype,
+                                                       device=rows.device)])
             rf = rf - self.decay
             alive = rf > 0.01
             if int(alive.sum()) > r:
-                rows, keys, ages, rf = rows[alive], keys[alive], ages[alive], rf[alive]
+                on = alive.to(rows.device)
+                rows, keys, rf = rows[on], keys[on], rf[on]
+                ages, ids = ages[alive.cpu()], ids[alive.cpu()]
             else:
                 rf = rf + self.decay
-            self.ltm[i], self.ltm_keys[i], self.ltm_ages[i], self.ltm_rf[i] = rows, keys, ages, rf
+            self.ltm[i], self.ltm_keys[i], self.ltm_ages[i], self.ltm_rf[i], self.ltm_ids[i] = rows, keys, ages, rf, ids
             self.cached[i] = self.cached[i][:0]
             self.cached_keys[i] = self.cached_keys[i][:0]
             self.cached_ages[i] = self.cached_ages[i][:0]
+            self.cached_ids[i] = self.cached_ids[i][:0]
         self.update_step = 0

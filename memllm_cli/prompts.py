@@ -44,3 +44,33 @@ class PromptFormat:
     def question_ids(self, tokenizer, question: str) -> list[int]:
         text = self.question_template.replace("{question}", question.strip())
         return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@dataclass(frozen=True)
+class TrainedPrompt:
+    """Questions for the trained checkpoints, as the official README asks them: a chat
+    checkpoint gets its chat template with the leading BOS token removed (the model has its
+    own trained bos embeddings); a base checkpoint gets "Question: ... Answer:". No sink:
+    the model reads its memory pool itself."""
+
+    chat: bool
+    drop_bos: bool
+    sink_text: str = ""
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, *, bos_embedding: bool) -> TrainedPrompt:
+        return cls(chat=bool(getattr(tokenizer, "chat_template", None)), drop_bos=bos_embedding)
+
+    def sink_ids(self, tokenizer) -> list[int]:
+        return []
+
+    def question_ids(self, tokenizer, question: str) -> list[int]:
+        if not self.chat:
+            return tokenizer(f"Question: {question.strip()} Answer:", add_special_tokens=False).input_ids
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question.strip()}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if self.drop_bos and ids and ids[0] == tokenizer.bos_token_id:
+            ids = ids[1:]
+        return ids

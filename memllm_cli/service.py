@@ -28,6 +28,7 @@ from .models import EMBEDDED, LoadedModel, load_model
 from .progress import NoProgress, Progress
 from .sources import Collected, Document, collect
 from .store import FORMAT, Store
+from .trained import TrainedMemory, block_tensors, drop_blocks
 
 KIND = "training-free"
 CHUNK_TOKENS = 512  # tokens per update at most (the MemoryLLM setting)
@@ -123,10 +124,13 @@ class Memllm:
             )
         return self._model
 
-    def sink(self) -> Pool:
-        """The pinned prefix every chunk is written after and every question read after."""
+    def sink(self) -> Pool | None:
+        """The pinned prefix every chunk is written after and every question read after
+        (training-free kind; the trained checkpoints read their pool themselves)."""
         if self._sink is None:
             lm = self.model()
+            if lm.trained:
+                return None
             self._sink = lm.engine.encode(torch.tensor(lm.prompt.sink_ids(lm.tokenizer)))
         return self._sink
 
@@ -228,11 +232,13 @@ class Memllm:
         """The prompt baseline: the same texts placed in the prompt instead of memory."""
         started = time.perf_counter()
         lm = self.model()
+        if lm.trained:
+            raise ModelError("the prompt baseline needs a training-free model, not a MemoryLLM checkpoint")
         ids = lm.prompt.sink_ids(lm.tokenizer)
         for text in texts:
             ids += [i for c in chunk_document(text, lm.tokenizer, CHUNK_TOKENS) for i in c.ids]
         ids += lm.prompt.question_ids(lm.tokenizer, question)
-        tokens = lm.engine.generate(torch.tensor(ids), None, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(lm))
+        tokens = lm.engine.generate(torch.tensor(ids), None, max_new_tokens=max_new_tokens, stop_ids=lm.stop_ids())
         return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": None}, started)
 
     # -- memories in RAM (evaluation, benchmarks) ----------------------------------------
@@ -240,7 +246,11 @@ class Memllm:
     def scratch_memory(self, *, pool_size: int | None = None, write_context: int | None = None,
                        seed: int | None = None) -> Memory:
         """An empty memory that lives in RAM only, for the current model."""
-        memory = self._new_memory(self.model(), pool_size=pool_size, write_context=write_context)
+        lm = self.model()
+        if lm.trained:
+            memory = TrainedMemory.empty(lm.engine)
+        else:
+            memory = self._new_memory(lm, pool_size=pool_size, write_context=write_context)
         memory.keep_blocks = False
         if seed is not None:
             memory.seed = seed
@@ -255,17 +265,20 @@ class Memllm:
             memory.write(lm.engine, self.sink(), chunk.ids, source=source, chunk=chunk.index)
         return sum(len(c.ids) for c in chunks)
 
-    def ask_in(self, memory: Memory, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+    def ask_in(self, memory: Memory | TrainedMemory, question: str, *, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                started: float | None = None) -> Answer:
         """Answer from a given memory (stored or in RAM)."""
         started = started or time.perf_counter()
         lm = self.model()
-        ids = lm.prompt.question_ids(lm.tokenizer, question)
-        tokens = lm.engine.generate(
-            torch.tensor(ids), memory.context(self.sink()), max_new_tokens=max_new_tokens,
-            stop_ids=_stop_ids(lm), temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        )
+        ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
+        sampling = {"stop_ids": lm.stop_ids(), "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                    "seed": seed}
+        if lm.trained:
+            lm.engine.set_state(memory.state)
+            tokens = (token for token, _ in lm.engine.stream(ids, max_new_tokens, **sampling))
+        else:
+            tokens = lm.engine.generate(ids, memory.context(self.sink()), max_new_tokens=max_new_tokens, **sampling)
         return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": self.memory_name}, started)
 
     # -- status ------------------------------------------------------------------------
@@ -278,7 +291,8 @@ class Memllm:
         held = memory.held_per_source() if memory else []
         n = len(memory) if memory else 0
         pool_size = memory.pool_size if memory else info["pool_size"]
-        live = [(s, held[i]) for i, s in enumerate(memory.sources if memory else []) if not s.get("forgotten")]
+        live = [(i, s, held[i]) for i, s in enumerate(memory.sources if memory else []) if not s.get("forgotten")]
+        long_term = memory.long_term_per_source() if isinstance(memory, TrainedMemory) else None
         return {
             "memory": name,
             "model": info["model"]["name"],
@@ -289,15 +303,18 @@ class Memllm:
             "tokens": n,
             "fill": round(n / pool_size, 4),
             "updates": memory.update_count if memory else 0,
-            "dropped": sum(s["tokens"] - h for s, h in live),
+            "dropped": sum(s.get("rows", s["tokens"]) - h for _, s, h in live),
+            "unit": "tokens" if long_term is None else "rows per layer",
             "dtype": info.get("dtype"),
             "write_context": info.get("write_context"),
             "disk_bytes": self.store.disk_bytes(name),
             "created": info.get("created"),
             "sources": [
                 {"name": s["name"], "sha256": s["sha256"], "chunks": s["chunks"],
-                 "tokens_written": s["tokens"], "tokens_held": h}
-                for s, h in live
+                 "tokens_written": s["tokens"], "tokens_held": h,
+                 **({"rows_written": s.get("rows", 0), "long_term_rows": long_term[i]}
+                    if long_term is not None else {})}
+                for i, s, h in live
             ],
         }
 
@@ -380,15 +397,23 @@ class Memllm:
         return self._diff(name, self.store.resolve(name, a), self.store.resolve(name, b))
 
     def _diff(self, name: str, a: str, b: str) -> dict:
-        sides = []
+        """Counts are tokens for the training-free kind; for the trained kind, pool rows per
+        layer (rows are dropped per layer), with the checkpoint's own rows as one source."""
+        sides, layers = [], 1
         for version in (a, b):
             tensors, meta = self.store.read_version(name, version)
+            blocks, sources = meta["blocks"], meta["sources"]
+            layered = tensors["block"].dim() == 2  # trained: (L, N)
+            layers = tensors["block"].shape[0] if layered else 1
+            layer = torch.arange(layers).repeat_interleave(tensors["block"].shape[-1]) if layered else None
             keys = {}
-            for blk, row, src in zip(tensors["block"].tolist(), tensors["row"].tolist(), tensors["source"].tolist(),
-                                     strict=True):
-                source = meta["sources"][src]
-                keys[(meta["blocks"][blk], row)] = (source["sha256"], source["name"])
-            written = {s["sha256"]: s["tokens"] for s in meta["sources"]}
+            for k, (blk, row, src) in enumerate(zip(tensors["block"].flatten().tolist(),
+                                                    tensors["row"].flatten().tolist(),
+                                                    tensors["source"].flatten().tolist(), strict=True)):
+                source = sources[src] if src >= 0 else {"sha256": "", "name": "<checkpoint memory>"}
+                key = (blocks[blk], row) if layer is None else (int(layer[k]), blocks[blk], row)
+                keys[key] = (source["sha256"], source["name"])
+            written = {s["sha256"]: s.get("rows", s["tokens"]) for s in sources}
             sides.append((keys, written))
         (old, _), (new, written) = sides
         rows: dict[str, dict] = {}
@@ -399,9 +424,12 @@ class Memllm:
             row["dropped"] += key in old and key not in new
             row["held"] += key in new
         for row in rows.values():
+            for k in ("added", "dropped", "held"):
+                row[k] = round(row[k] / layers)
             row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
         totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
-        return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals}
+        return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals,
+                "unit": "tokens" if layers == 1 else "rows per layer"}
 
     def forget(self, sources: list[str], *, purge: bool = False) -> dict:
         """A new version without these documents' tokens (by path as ingested, or content hash).
@@ -452,10 +480,18 @@ class Memllm:
             kept = [i for i, b in enumerate(blocks) if b not in purged_blocks]
             remap = torch.full((len(blocks),), -1, dtype=torch.int64)
             remap[kept] = torch.arange(len(kept))
-            block = tensors["block"].to(torch.int64)
-            keep = remap[block] >= 0 if len(blocks) else torch.ones(len(block), dtype=torch.bool)
-            new_tensors = {k: t[keep] for k, t in tensors.items()}
-            new_tensors["block"] = remap[block[keep]].to(torch.int32)
+            if meta.get("kind") == "trained":  # rows go back to the checkpoint's; then renumber
+                gone = [i for i, b in enumerate(blocks) if b in purged_blocks]
+                new_tensors = drop_blocks(tensors, gone, meta["layers"])
+                for key in block_tensors(new_tensors):
+                    new_tensors[key] = remap[new_tensors[key].to(torch.int64)].to(torch.int32)
+                extra = {k: [meta[k][i] for i in kept] for k in ("block_sources", "block_chunks")}
+            else:
+                block = tensors["block"].to(torch.int64)
+                keep = remap[block] >= 0 if len(blocks) else torch.ones(len(block), dtype=torch.bool)
+                new_tensors = {k: t[keep] for k, t in tensors.items()}
+                new_tensors["block"] = remap[block[keep]].to(torch.int32)
+                extra = {}
             secret = [src["name"] for src in meta.get("sources", []) if src["sha256"] in shas]
             message = meta.get("message", "")
             for hidden in secret:
@@ -467,6 +503,7 @@ class Memllm:
                             if src["sha256"] in shas else src for src in meta.get("sources", [])],
                 "updates": [u for u in meta.get("updates", []) if meta["sources"][u["source"]]["sha256"] not in shas],
                 "forgotten": [n for n in meta.get("forgotten", []) if n not in secret],
+                **extra,
             }
             mapping[v] = store.write_version(name, new_tensors, new_meta)
         head = store.head(name)
@@ -551,7 +588,9 @@ class Memllm:
     # -- internals ---------------------------------------------------------------------
 
     def _new_memory(self, lm: LoadedModel, *, pool_size: int | None = None,
-                    write_context: int | None = None) -> Memory:
+                    write_context: int | None = None) -> Memory | TrainedMemory:
+        if lm.trained:  # the checkpoint fixes N and K
+            return TrainedMemory.empty(lm.engine)
         sink = len(lm.prompt.sink_ids(lm.tokenizer))
         window = lm.engine.max_positions - sink - ANSWER_RESERVE
         pool_size = pool_size or self.settings.pool_size or min(DEFAULT_POOL_SIZE, window)
@@ -568,7 +607,7 @@ class Memllm:
 
     def _create(self, name: str, lm: LoadedModel, memory: Memory) -> dict:
         info = {
-            "kind": KIND,
+            "kind": lm.kind,
             "model": {"name": lm.name, "fingerprint": lm.fingerprint},
             "pool_size": memory.pool_size,
             "write_context": memory.write_context,
@@ -593,7 +632,8 @@ class Memllm:
             info = self.store.info(name)
         return info
 
-    def _load_memory(self, name: str, version: str | None = None, *, states: bool = True) -> Memory | None:
+    def _load_memory(self, name: str, version: str | None = None, *,
+                     states: bool = True) -> Memory | TrainedMemory | None:
         """A version (default HEAD) in RAM; with `states`, its keys and values too."""
         version = version or self.store.head(name)
         if version is None:
@@ -601,6 +641,13 @@ class Memllm:
         tensors, meta = self.store.read_version(name, version)
         if meta.get("dtype") not in DTYPES:
             raise StoreError(f"memory {name!r}: version {version[:12]} has an unknown dtype {meta.get('dtype')!r}")
+        if meta.get("kind") == "trained":
+            engine = self.model().engine if states else None
+
+            def read(block: str, rows: list[int], names: tuple[str, ...]) -> dict:
+                return self.store.read_block_rows(name, block, rows, names)
+
+            return TrainedMemory.from_version(version, tensors, meta, engine, read if states else None)
         pool = self._states(name, tensors, meta) if states else None
         return Memory.from_version(version, tensors, meta, pool)
 
@@ -660,13 +707,3 @@ def _ingest_message(memory: Memory) -> str:
     names = list(dict.fromkeys(memory.sources[u["source"]]["name"] for u in memory.updates))
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"ingest {shown}"
-
-
-def _stop_ids(lm: LoadedModel) -> frozenset[int]:
-    ids = set()
-    for value in (getattr(lm.engine.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return frozenset(ids)

@@ -303,7 +303,7 @@ class Store:
                 elif kind == "blocks":
                     try:
                         with safe_open(path, framework="pt") as f:
-                            good_blocks[digest] = f.get_slice("keys").get_shape()[0]
+                            good_blocks[digest] = f.get_slice(next(iter(f.keys()))).get_shape()[0]
                     except (OSError, SafetensorError) as err:
                         report.damaged.append(f"block {digest[:12]}: unreadable: {err}")
                 if progress:
@@ -318,8 +318,11 @@ class Store:
             except StoreError as err:
                 report.damaged.append(f"version {version[:12]}: {err.message}")
                 continue
+            pairs = [(k, k.replace("block", "row")) for k in tensors if k.split(".")[0].endswith("block")]
             for i, block in enumerate(meta.get("blocks", [])):
-                rows = tensors["row"][tensors["block"] == i]
+                if block.startswith("@"):
+                    continue  # the model checkpoint's own rows (trained kind)
+                rows = torch.cat([tensors[r][tensors[b] == i].flatten() for b, r in pairs])
                 if block not in good_blocks:
                     report.damaged.append(f"version {version[:12]}: block {block[:12]} is missing or damaged")
                 elif len(rows) and int(rows.max()) >= good_blocks[block]:

@@ -41,7 +41,7 @@ def seeded_inject(model, ids, step):
     """The injection forward, after the seed the official run set before the call."""
     if "torch_manual_seed_before_call" in step:
         torch.manual_seed(step["torch_manual_seed_before_call"])
-    return model.inject(ids)
+    return torch.stack(model.inject(ids))  # (L, K, d)
 
 
 @pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
@@ -66,7 +66,7 @@ def test_fixture_case(folder):
             check_generation(model, ids, step, case, expected)
         elif op.startswith("inject_memory"):
             delta = seeded_inject(model, ids, step)
-            kept = model.update(delta) if "update_memory=True" in op else None
+            kept = model.update(list(delta)) if "update_memory=True" in op else None
             for name in names:
                 if "kept_indices" in name:
                     check(name, kept, case, expected)
@@ -119,7 +119,7 @@ def test_mplus_fixture_case(folder):
             delta = seeded_inject(model, ids, step)
             got = {"delta": delta}
             if "update_memory=True" in op:
-                drawn = model.update(delta)
+                drawn = model.update(list(delta))
                 got.update({"kept_indices": drawn["kept"], "dropped_indices": drawn["dropped"],
                             "randperm": drawn["randperm"], "after_memory": model.memory,
                             "after_memory_ages": torch.stack(model.ages),
