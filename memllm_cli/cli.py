@@ -70,7 +70,7 @@ def handle_errors(command):
 def _service(ctx: typer.Context):
     from .service import Memllm
 
-    return Memllm(memory=ctx.obj["memory"], model=ctx.obj["model"])
+    return Memllm(**ctx.obj)
 
 
 def _print_json(data) -> None:
@@ -97,13 +97,23 @@ def main(
             "[env: MEMLLM_MODEL; default: the memory's own model].",
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu, cuda, cuda:N, or auto (several GPUs: an accelerate device map) "
+                     "[env: MEMLLM_DEVICE; default: cpu]."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="float32, bfloat16 or float16 [env: MEMLLM_DTYPE; default: float32 on the "
+                     "CPU, bfloat16 for MemoryLLM checkpoints on a GPU]."),
+    ] = None,
     _: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     """memllm writes text into a fixed-size latent memory inside every layer of a language
     model, and answers questions from it. Memories live under MEMLLM_HOME."""
-    ctx.obj = {"memory": memory, "model": model}
+    ctx.obj = {"memory": memory, "model": model, "device": device, "dtype": dtype}
     _log_to_stderr()
 
 
@@ -127,6 +137,8 @@ def ingest(
     report = service.ingest(paths, stdin=sys.stdin.buffer, force=force, progress=progress)
     for skipped in report.skipped:
         _err(f"memllm: skipped {skipped['path']}: {skipped['reason']}")
+    for warning in report.warnings:
+        _err(f"memllm: warning: {warning}")
     if as_json:
         _print_json(report.to_dict())
         return
@@ -135,7 +147,7 @@ def ingest(
     print(
         f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
         f"in {report.seconds:.1f} s; memory {report.memory!r} holds {report.tokens_held}/{report.pool_size} "
-        f"tokens ({report.fill:.0%})"
+        f"{report.unit} ({report.fill:.0%})"
         + (f", {report.dropped} dropped" if report.dropped else "")
     )
 
@@ -203,8 +215,8 @@ def status(
     console = Console()
     console.print(
         f"memory [bold]{info['memory']}[/] ({info['kind']}), model {info['model']}\n"
-        f"pool {info['tokens']}/{info['pool_size']} tokens ({info['fill']:.0%} full), "
-        f"{info['updates']} updates, {info['dropped']} tokens dropped, "
+        f"pool {info['tokens']}/{info['pool_size']} {info['unit']} ({info['fill']:.0%} full), "
+        f"{info['updates']} updates, {info['dropped']} {info['unit'].split()[0]} dropped, "
         f"{_size(info['disk_bytes'])} on disk",
         highlight=False,
     )
@@ -213,9 +225,16 @@ def status(
         table.add_column("source", overflow="fold")
         for column in ("chunks", "written", "held", "held %"):
             table.add_column(column, justify="right")
+        trained = "rows_written" in (info["sources"] or [{}])[0]
+        if trained:
+            table.add_column("rows written", justify="right")
+            table.add_column("long-term", justify="right")
         for s in info["sources"]:
-            share = s["tokens_held"] / s["tokens_written"] if s["tokens_written"] else 0
-            table.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["tokens_held"]), f"{share:.0%}")
+            written = s["rows_written"] if trained else s["tokens_written"]
+            share = s["tokens_held"] / written if written else 0
+            extra = [str(s["rows_written"]), str(s["long_term_rows"])] if trained else []
+            table.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["tokens_held"]), f"{share:.0%}",
+                          *extra)
         console.print(table)
 
 
@@ -261,7 +280,7 @@ def log_(
     for e in entries:
         tags = f" ({', '.join(e['tags'])})" if e["tags"] else ""
         print(f"{e['version'][:12]}  {e['time']}  {e['op']:<8}  +{e['added']} -{e['dropped']} "
-              f"= {e['tokens']} tokens  {e['message']}{tags}")
+              f"= {e['tokens']} {e['unit']}  {e['message']}{tags}")
 
 
 snapshot_app = typer.Typer(help="Name versions of the memory, list them, roll back to them.", no_args_is_help=True)
@@ -424,7 +443,7 @@ def forget(
     if as_json:
         _print_json(result)
     else:
-        print(f"forgot {', '.join(result['forgotten'])}: {result['tokens_removed']} tokens removed, "
+        print(f"forgot {', '.join(result['forgotten'])}: {result['tokens_removed']} {result['unit']} removed, "
               f"{result['tokens']} held; version {result['version'][:12]}")
         if purge:
             print(f"purged: {result['purged_blocks']} blocks deleted ({_size(result['bytes_freed'])}), "

@@ -55,6 +55,9 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
     for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions"):
         if key in file:
             values[key] = file[key]
+    for key in ("device", "dtype"):
+        if os.environ.get(f"MEMLLM_{key.upper()}"):
+            values[key] = os.environ[f"MEMLLM_{key.upper()}"]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)
 

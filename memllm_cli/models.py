@@ -126,12 +126,18 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     if checkpoint is not None:
         return _load_trained(name, checkpoint, device, dtype)
     torch_dtype = _dtype(dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load model {spec}: {_first_line(err)}") from err
-    model.to(device)
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as err:  # no such device, or torch without CUDA
+        raise ModelError(f"cannot use device {device!r}: {_first_line(err)}",
+                         hint="use cpu, cuda, cuda:N or auto") from None
     engine = MemoryModel(model, device=device)
     return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), fingerprint(model))
 

@@ -35,6 +35,7 @@ CHUNK_TOKENS = 512  # tokens per update at most (the MemoryLLM setting)
 DEFAULT_POOL_SIZE = 4096  # see docs/design.md, "Choosing N"
 ANSWER_RESERVE = 1024  # positions kept free after the pool for the question and the answer
 CHECKPOINT_SECONDS = 60.0  # a long ingest commits at document boundaries this often
+MIN_INJECTION = 16  # the official README: shorter injections disturb the trained memory
 
 
 @dataclass
@@ -49,6 +50,8 @@ class IngestReport:
     pool_size: int
     unchanged: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unit: str = "tokens"  # of tokens_held and pool_size; "rows per layer" for MemoryLLM checkpoints
 
     @property
     def fill(self) -> float:
@@ -166,6 +169,7 @@ class Memllm:
             report = IngestReport(
                 name, 0, 0, 0, 0, 0.0, len(memory), memory.pool_size,
                 skipped=[{"path": p, "reason": r} for p, r in collected.skipped],
+                unit="rows per layer" if lm.trained else "tokens",
             )
             plan, planned = [], set()
             for doc in collected.documents:
@@ -174,6 +178,13 @@ class Memllm:
                 else:
                     planned.add(doc.sha256)
                     plan.append((doc, chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)))
+                    if lm.trained:
+                        short = [c for c in plan[-1][1] if len(c.ids) < MIN_INJECTION]
+                        report.warnings += [
+                            f"{doc.name}: chunk {c.index} has {len(c.ids)} tokens; MemoryLLM checkpoints were "
+                            f"trained on injections of at least {MIN_INJECTION} and may be disturbed by shorter ones"
+                            for c in short
+                        ]
             total = sum(len(c.ids) for _, chunks in plan for c in chunks)
             progress.start(total, f"ingesting into {name}")
             sink = self.sink()
@@ -332,7 +343,8 @@ class Memllm:
         while version in present and (limit is None or len(out) < limit):  # stops where gc pruned
             meta = self.store.version_meta(name, version)
             out.append({"version": version, "time": meta["time"], "op": meta["op"], "message": meta["message"],
-                        "tags": tags.get(version, []), **meta["stats"]})
+                        "tags": tags.get(version, []), **meta["stats"],
+                        "unit": "rows per layer" if meta.get("kind") == "trained" else "tokens"})
             version = meta.get("parent")
         return out
 
@@ -447,7 +459,8 @@ class Memllm:
             held = memory.forget(set(chosen))
             names = [memory.sources[i]["name"] for i in chosen]
             version = self._commit(name, memory, "forget", "forget " + ", ".join(names), forgotten=names)
-            result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(memory)}
+            result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(memory),
+                      "unit": "rows per layer" if isinstance(memory, TrainedMemory) else "tokens"}
             if purge:
                 result.update(self._purge(name, shas))
                 result["version"] = self.store.head(name)
@@ -642,7 +655,7 @@ class Memllm:
         if meta.get("dtype") not in DTYPES:
             raise StoreError(f"memory {name!r}: version {version[:12]} has an unknown dtype {meta.get('dtype')!r}")
         if meta.get("kind") == "trained":
-            engine = self.model().engine if states else None
+            engine = self.model(self.store.info(name)).engine if states else None
 
             def read(block: str, rows: list[int], names: tuple[str, ...]) -> dict:
                 return self.store.read_block_rows(name, block, rows, names)
@@ -655,7 +668,7 @@ class Memllm:
         """Gather a version's keys and values from its blocks, reading only the rows it holds."""
         block, row = tensors["block"].to(torch.int64), tensors["row"].to(torch.int64)
         if len(block) == 0:
-            lm = self.model()
+            lm = self.model(self.store.info(name))
             return Pool.empty(lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, DTYPES[meta["dtype"]])
         keys = values = None
         for b in block.unique().tolist():

@@ -104,7 +104,9 @@ class TrainedMemory(Ledger):
         self.meta["update_step"] = self.state.get("update_step", 0)
         if not self.keep_blocks:  # never stored: the pending block is only a name for the rows
             self._number_blocks([(source, chunk)], ["<unsaved>"])
-        return self.log_update(source, chunk, len(ids), dropped, seed)
+        update = self.log_update(source, chunk, len(ids), dropped, seed)
+        update["rows"] = n
+        return update
 
     def settle(self, written: list[str]) -> None:
         """The pending blocks were stored under these ids: point their rows at them."""
@@ -188,6 +190,7 @@ class TrainedMemory(Ledger):
         if self.pending:
             raise RuntimeError("settle pending blocks before recording a version")
         meta = {**self.ledger_meta(op, message, len(self)), "kind": KIND, "layers": self.layers, **self.meta, **extra}
+        meta["stats"]["added"] = sum(u.get("rows", 0) for u in self.updates)  # rows per layer, as the rest
         return dict(self.index), meta
 
     @classmethod

@@ -8,14 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-CORPUS = [
-    "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six.",
-    "The tool shed code is 4172. The key hangs inside the shed door.",
-    "Paris is the capital of France. Berlin is the capital of Germany.",
-    "Question: who is it? Answer: it is me.\n\nA new paragraph starts here.",
-    "Numbers like 1901, 42 and 3.14 appear in text; so do commas, colons and quotes.",
-]
-
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
@@ -52,18 +44,9 @@ def tiny_model(kind: str = "llama", seed: int = 0, **extra):
 
 
 def _tokenizer(chat: bool):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from memllm_cli.random_checkpoints import tiny_tokenizer
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 3, vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
-    if chat:
-        tok.chat_template = (
-            "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-        )
-    return tok
+    return tiny_tokenizer(chat)
 
 
 def save_tiny(path: Path, kind: str = "llama", seed: int = 0, chat: bool = True) -> Path:

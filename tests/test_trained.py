@@ -16,10 +16,10 @@ from memllm_cli.chunking import chunk_document
 from memllm_cli.errors import ModelError
 from memllm_cli.memory import Ledger
 from memllm_cli.official import MPlus, OfficialMemoryLLM, accelerate_map, split_ids
+from memllm_cli.random_checkpoints import save_trained, trained_config
 from memllm_cli.service import CHUNK_TOKENS, Memllm
 from memllm_cli.trained import CHECKPOINT
 from tests.test_service import doc
-from tests.trained_fixture import save_trained, trained_config
 
 TEXTS = [
     "The tool shed code is 4172. The key hangs inside the shed door. " * 4,
@@ -297,3 +297,19 @@ def test_conformance_on_cuda(main_dir):
     torch.testing.assert_close(gpu.forward(ids).cpu(), cpu.forward(ids), atol=1e-4, rtol=1e-4)
     delta = gpu.inject(ids)
     torch.testing.assert_close(torch.stack(delta).cpu(), torch.stack(cpu.inject(ids)), atol=1e-4, rtol=1e-4)
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch, main_dir):
+    """`--model YuWangX/memoryllm-8b` with no network: found in the HF cache, as downloaded."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--YuWangX--memoryllm-tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in main_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (cache / "models--YuWangX--memoryllm-tiny" / "refs").mkdir()
+    (cache / "models--YuWangX--memoryllm-tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    lm = Memllm(model="YuWangX/memoryllm-tiny").model()
+    assert lm.trained and lm.name == "YuWangX/memoryllm-tiny"
+    assert lm.fingerprint == Memllm(model=str(main_dir)).model().fingerprint

@@ -1,8 +1,9 @@
-"""Tiny random MemoryLLM and M+ checkpoints in the official format, with a tokenizer.
+"""Random MemoryLLM and M+ checkpoints in the official format, for tests and benchmarks.
 
 The tensor names, shapes and config fields are those of the official checkpoints (see
 ../shared/conformance/README.md); the weights are seeded random values scaled to keep
-activations well conditioned, so that greedy decoding is not a tie between tokens.
+activations well conditioned. `trained_config("main", **MEMORYLLM_8B)` is the real 8B
+configuration, for timing the official computation without the real weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+MEMORYLLM_8B = {  # YuWangX/memoryllm-8b's config.json, the fields that shape the computation
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+    "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 1.8125}, "num_tokens": 256,
+    "num_blocks": 50, "num_memory_tokens": 12800, "bos_token_id": 128000, "eos_token_id": 128001,
+    "lora_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS),
+                    "inference_mode": True},
+}
 
 
 def trained_config(variant: str = "main", **extra) -> dict:
@@ -36,8 +45,9 @@ def trained_config(variant: str = "main", **extra) -> dict:
     return config
 
 
-def trained_tensors(config: dict, seed: int = 0, initialized: bool = True) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def trained_tensors(config: dict, seed: int = 0, initialized: bool = True, *, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
     L, d = config["num_hidden_layers"], config["hidden_size"]
     inter, V = config["intermediate_size"], config["vocab_size"]
     hd = d // config["num_attention_heads"]
@@ -46,11 +56,14 @@ def trained_tensors(config: dict, seed: int = 0, initialized: bool = True) -> di
     n = config["num_tokens"] * config["num_blocks"]
 
     def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
+        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale)
+
+    def ones(n):
+        return torch.ones(n, device=device, dtype=dtype)
 
     t = {
         "memory": rand(L, n, d), "bos_embedding": rand(L, 1, d), "new_memory_positional_emb": rand(1, 1, d, scale=0.5),
-        "model.embed_tokens.weight": rand(V, d), "model.norm.weight": torch.ones(d),
+        "model.embed_tokens.weight": rand(V, d), "model.norm.weight": ones(d),
         "lm_head.weight": rand(V, d, scale=d ** -0.5),
     }
     if "num_ltm_blocks" not in config:
@@ -59,8 +72,8 @@ def trained_tensors(config: dict, seed: int = 0, initialized: bool = True) -> di
               "gate_proj": (inter, d), "up_proj": (inter, d), "down_proj": (d, inter)}
     for i in range(L):
         p = f"model.layers.{i}"
-        t[f"{p}.input_layernorm.weight"] = torch.ones(d)
-        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(d)
+        t[f"{p}.input_layernorm.weight"] = ones(d)
+        t[f"{p}.post_attention_layernorm.weight"] = ones(d)
         for name, (out, inp) in shapes.items():
             where = f"{p}.{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}"
             weight = rand(out, inp, scale=inp ** -0.5)
@@ -78,18 +91,44 @@ def trained_tensors(config: dict, seed: int = 0, initialized: bool = True) -> di
                 t[f"{p}.self_attn.{sel}.2.weight"] = rand(s, 2 * s, scale=(2 * s) ** -0.5)
             t[f"ltm.{i}"] = rand(m, d)
             t[f"ltm_keys.{i}"] = rand(m, s)
-            t[f"ltm_recall_frequencies.{i}"] = torch.full((m,), 5.0)
-            t[f"ltm_ages.{i}"] = torch.arange(m, dtype=torch.float32)
+            t[f"ltm_recall_frequencies.{i}"] = torch.full((m,), 5.0, device=device, dtype=dtype)
+            t[f"ltm_ages.{i}"] = torch.arange(m, dtype=torch.float32, device=device)
     return t
 
 
 def save_trained(path: Path, variant: str = "main", *, seed: int = 0, chat: bool = False,
                  initialized: bool = True, **extra) -> Path:
-    from tests.conftest import _tokenizer
-
+    """A tiny checkpoint directory: config.json, model.safetensors and a byte-level BPE
+    tokenizer trained on a few sentences (with a chat template if `chat`)."""
     path.mkdir(parents=True, exist_ok=True)
     config = trained_config(variant, **extra)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     save_file(trained_tensors(config, seed, initialized), str(path / "model.safetensors"), metadata={"format": "pt"})
-    _tokenizer(chat).save_pretrained(path)
+    tiny_tokenizer(chat).save_pretrained(path)
     return path
+
+
+TOKENIZER_CORPUS = [
+    "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six.",
+    "The tool shed code is 4172. The key hangs inside the shed door.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Question: who is it? Answer: it is me.\n\nA new paragraph starts here.",
+    "Numbers like 1901, 42 and 3.14 appear in text; so do commas, colons and quotes.",
+]
+
+
+def tiny_tokenizer(chat: bool):
+    """A byte-level BPE tokenizer of 300 ids ("<s>" = 0, "</s>" = 1)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TOKENIZER_CORPUS * 3, vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    if chat:
+        tok.chat_template = (
+            "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+        )
+    return tok
