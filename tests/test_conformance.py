@@ -2,7 +2,7 @@
 
 Cases are found under MEMLLM_CONFORMANCE_DIR (default ../shared/conformance), so new cases
 need no code change here. Variants: memoryllm (main branch, MemoryLLM-8B code) and
-memoryllm-7b. M+ (mplus) is not implemented yet and is checked to fail clearly.
+memoryllm-7b, and M+ (mplus); on the CPU, and on CUDA where a GPU is present.
 """
 
 import json
@@ -18,13 +18,14 @@ from memllm_cli.official import MPlus, OfficialMemoryLLM
 
 ROOT = Path(os.environ.get("MEMLLM_CONFORMANCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "conformance"))
 SUPPORTED = ("memoryllm", "memoryllm-7b")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: float32, the same tolerances
 CASES = sorted(p.parent for v in SUPPORTED for p in (ROOT / v).glob("*/case.json")) if ROOT.is_dir() else []
 
 
 def check(name, got, case, expected):
     want = expected[name]
     spec = case["expected"][name]["compare"]
-    got = got.reshape(want.shape).to(want.dtype)
+    got = got.reshape(want.shape).cpu().to(want.dtype)
     if spec == "exact":
         assert torch.equal(got, want), name
     else:
@@ -45,8 +46,9 @@ def seeded_inject(model, ids, step):
 
 
 @pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("folder", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_fixture_case(folder):
+def test_fixture_case(folder, device):
     case = json.loads((folder / "case.json").read_text())
     expected = load_file(folder / "expected.safetensors")
     inputs = {k: torch.tensor(v["ids"]) for k, v in case["inputs"].items()}
@@ -54,7 +56,7 @@ def test_fixture_case(folder):
     checked = set()
     for step in case["steps"]:
         if model is None or not step["state"].startswith("continuing"):
-            model = OfficialMemoryLLM.load(folder)
+            model = OfficialMemoryLLM.load(folder, device=device)
             if "memory_before" in expected:
                 check("memory_before", model.memory, case, expected)
                 checked.add("memory_before")
@@ -86,15 +88,16 @@ MPLUS_CASES = sorted(p.parent for p in (ROOT / "mplus").glob("*/case.json")) if 
 
 
 @pytest.mark.skipif(not MPLUS_CASES, reason=f"no M+ fixtures under {ROOT}")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("folder", MPLUS_CASES, ids=lambda p: f"mplus/{p.name}")
-def test_mplus_fixture_case(folder):
+def test_mplus_fixture_case(folder, device):
     """M+: retrieval order among rows of equal age is numpy's, so where the case says the
     retrieved ages tie, the retrieved ids are compared as a set, and their order and the
     logits only when our order matches (as case.json prescribes)."""
     case = json.loads((folder / "case.json").read_text())
     expected = load_file(folder / "expected.safetensors")
     inputs = {k: torch.tensor(v["ids"]) for k, v in case["inputs"].items()}
-    model = OfficialMemoryLLM.load(folder)
+    model = OfficialMemoryLLM.load(folder, device=device)
     assert isinstance(model, MPlus)
     check("memory_before", model.memory, case, expected)
     checked, order_matched = {"memory_before"}, []
@@ -103,7 +106,7 @@ def test_mplus_fixture_case(folder):
         op, names = step["op"], step["expect"]
         if op == "forward":
             logits = model.forward(ids)
-            retrieved = torch.stack(model.retrieved)  # (L, R)
+            retrieved = torch.stack(model.retrieved).cpu()  # (L, R)
             want = expected[names[1]]
             assert torch.equal(retrieved.sort(dim=1).values, want.sort(dim=1).values), names[1]
             same_order = torch.equal(retrieved, want)
