@@ -14,6 +14,8 @@ last commit point at pending blocks (negative block indices) until the commit wr
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +65,17 @@ class Ledger:
         src = self.sources[source]
         return {"source": src["name"], "source_sha256": src["sha256"], "chunk": chunk,
                 "start": span[0], "end": span[1], "tokens": tokens, "update": self.update_count}
+
+    def fork(self):
+        """An independent copy that is never stored (evaluation). Tensors are shared: every
+        update replaces them rather than writing into them."""
+        return dataclasses.replace(
+            self, sources=copy.deepcopy(self.sources), blocks=list(self.blocks), pending=[],
+            updates=list(self.updates), keep_blocks=False, **self._forked(),
+        )
+
+    def _forked(self) -> dict:
+        return {}
 
     def committed(self, version: str) -> None:
         self.head = version

@@ -255,13 +255,16 @@ class Memllm:
     # -- memories in RAM (evaluation, benchmarks) ----------------------------------------
 
     def scratch_memory(self, *, pool_size: int | None = None, write_context: int | None = None,
-                       seed: int | None = None) -> Memory:
+                       seed: int | None = None, dtype: str | None = None) -> Memory | TrainedMemory:
         """An empty memory that lives in RAM only, for the current model."""
         lm = self.model()
         if lm.trained:
             memory = TrainedMemory.empty(lm.engine)
         else:
             memory = self._new_memory(lm, pool_size=pool_size, write_context=write_context)
+            if dtype is not None:
+                memory = Memory.empty(lm.engine, pool_size=memory.pool_size, write_context=memory.write_context,
+                                      dtype=dtype)
         memory.keep_blocks = False
         if seed is not None:
             memory.seed = seed

@@ -16,6 +16,7 @@ frequencies), and reloading it rebuilds the model's state bit for bit.
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class TrainedMemory(Ledger):
     def __len__(self) -> int:
         """Pool rows per layer that hold ingested text (the rest are the checkpoint's)."""
         return round(int((self.index["source"] >= 0).sum()) / self.layers)
+
+    def _forked(self) -> dict:
+        state = {k: list(v) if isinstance(v, list) else v for k, v in self.state.items()} if self.state else None
+        return {"state": state, "meta": copy.deepcopy(self.meta), "index": dict(self.index)}
 
     @property
     def mplus(self) -> bool:

@@ -1,0 +1,644 @@
+"""memllm bench: the MemoryLLM paper's measurements on local data, baselines side by side.
+
+    retention   the knowledge-retention protocol: write a question's gold passage, then k
+                unrelated passages packed into updates of up to 512 tokens, then ask; for
+                memllm, the same text in the prompt (cut from the left to the window), BM25
+                over the same chunks (top chunks in the prompt up to a token budget), and
+                closed book (what the model knew already)
+    speed       ingest tokens/s against a plain forward pass, and ask latency at 25/50/100%
+                of the pool, against the prompt holding the same tokens
+    integrity   after U updates of unrelated text: fresh-fact retention, held-out perplexity
+                and per-layer pool statistics, against their values at U = 0
+
+The benchmarks talk to a `Subject` (the model with its memory), so their logic is tested
+with a fake model that counts calls; `ServiceSubject` is the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import __version__
+from .errors import InputError
+from .progress import NoProgress, Progress
+from .qa import SCORER_VERSION, Item, is_correct, load_items, normalise
+
+DEFAULT_KS = (0, 1, 2, 5, 10, 20, 50)
+DEV_ROWS = range(0, 2000)  # nq-open-oracle rows for development; 2000-2654 are reserved for acceptance
+CHUNK_TOKENS = 512
+METHODS = ("memllm", "prompt", "bm25", "closed-book")
+DEFAULTS = {"retention": 10, "speed": 3, "integrity": 20}  # --questions: each default run fits 15 min on 2 cores
+
+
+class Subject(Protocol):
+    """A model with memory, as the benchmarks see it."""
+
+    name: str
+    pool_size: int  # N: what the memory holds at most (tokens, or rows per layer)
+    window: int  # tokens the prompt baselines may hold
+
+    def supports(self, method: str) -> bool: ...
+    def count(self, text: str) -> int: ...
+    def new_memory(self, seed: int) -> Any: ...
+    def new_prompt_memory(self) -> Any | None: ...  # a prompt built chunk by chunk (a KV cache), or None
+    def room(self, memory: Any) -> int: ...  # tokens a memory takes before it must drop
+    def held_tokens(self, memory: Any) -> int: ...
+    def fork(self, memory: Any) -> Any: ...
+    def write(self, memory: Any, text: str, name: str) -> int: ...  # returns the updates made
+    def ask(self, memory: Any, question: str) -> str: ...
+    def ask_timed(self, memory: Any, question: str) -> tuple[float, int, float]: ...
+    def ask_text(self, texts: list[str], question: str) -> str: ...  # the prompt baselines
+    def ask_text_timed(self, texts: list[str], question: str) -> tuple[float, int, float]: ...
+    def held(self, memory: Any) -> dict[str, float]: ...  # share of each document still held
+    def updates(self, memory: Any) -> list[dict]: ...  # {source, tokens, dropped, before}: every update so far
+    def nll(self, memory: Any, text: str) -> tuple[float, int]: ...  # summed NLL of text read after memory
+    def pool_stats(self, memory: Any) -> list[dict]: ...  # per layer
+    def plain_forward(self, text: str) -> None: ...
+    def disk_bytes_per_token(self, memory: Any) -> float | None: ...
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    path: Path
+    sha256: str
+    rows: range
+    items: list[Item]
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "rows": f"{self.rows.start}-{self.rows.stop - 1}"}
+
+
+def load_data(path: Path | None, rows: range = DEV_ROWS) -> Data:
+    if path is None:
+        raise InputError("no evaluation data given",
+                         hint="pass --data FILE (NQ-open with gold passages, e.g. nq-open-oracle.jsonl.gz)")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path}: no such data file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    items = load_items(path, rows)
+    if not items:
+        raise InputError(f"{path} has no rows in {rows.start}-{rows.stop - 1}")
+    return Data(path, digest, rows, items)
+
+
+def parse_rows(spec: str) -> range:
+    """"0-1999" -> range(0, 2000)."""
+    try:
+        start, _, stop = spec.partition("-")
+        out = range(int(start), int(stop or start) + 1)
+    except ValueError:
+        raise InputError(f"bad row range {spec!r}", hint="use FIRST-LAST, e.g. 0-1999") from None
+    if not out:
+        raise InputError(f"empty row range {spec!r}")
+    return out
+
+
+def unrelated(items: list[Item], item: Item) -> list[Item]:
+    """Passages of other rows that contain none of the item's answers."""
+    answers = [normalise(a) for a in item.answers if normalise(a)]
+    return [other for other in items if other.row != item.row and other.passage != item.passage
+            and not any(a in normalise(other.passage) for a in answers)]
+
+
+def pack(texts: list[str], subject: Subject, limit: int = CHUNK_TOKENS) -> list[str]:
+    """Whole passages joined into updates of at most `limit` tokens (a longer passage is
+    one update of its own, which the subject splits)."""
+    out, current, size = [], [], 0
+    for text in texts:
+        n = subject.count(text) + 2
+        if current and size + n > limit:
+            out.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(text)
+        size += n
+    if current:
+        out.append("\n\n".join(current))
+    return out
+
+
+def accuracy(correct: int, total: int) -> dict:
+    p = correct / total if total else 0.0
+    return {"correct": correct, "total": total, "accuracy": round(p, 4),
+            "stderr": round(math.sqrt(p * (1 - p) / total), 4) if total else 0.0}
+
+
+# -- retention ----------------------------------------------------------------------------
+
+
+def retention(subject: Subject, data: Data, *, questions: int, seed: int, ks: Sequence[int] = DEFAULT_KS,
+              methods: Sequence[str] = METHODS, bm25_budget: int = 1024,
+              progress: Progress | None = None) -> dict:
+    """The paper's knowledge-retention protocol, one memory per question, asked after each
+    k in turn (the distractors between two k are packed and written between the asks)."""
+    progress = progress or NoProgress()
+    ks = sorted(set(ks))
+    if any(k < 0 for k in ks):
+        raise InputError("k must be >= 0")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(sorted(unknown))}", hint=f"choose from {', '.join(METHODS)}")
+    skipped = [m for m in methods if not subject.supports(m)]
+    methods = [m for m in methods if subject.supports(m)]
+    rng = random.Random(seed)
+    chosen = rng.sample(data.items, min(questions, len(data.items)))
+    scores = {m: {k: 0 for k in ks} for m in methods}
+    survival = {k: {"paper": [], "expected": [], "measured": []} for k in ks}
+    details = []
+    progress.start(len(chosen) * len(ks), "retention")
+    started = time.perf_counter()
+    for q, item in enumerate(chosen):
+        pool = unrelated(data.items, item)
+        distractors = random.Random(seed * 1_000_003 + item.row).sample(pool, min(max(ks), len(pool)))
+        run = _Run(subject, subject.new_memory(seed + q) if "memllm" in methods else None,
+                   subject.new_prompt_memory() if "prompt" in methods else None)
+        run.add(item.passage, "gold")
+        memory, chunks = run.memory, run.chunks
+        closed = subject.ask_text([], item.question) if "closed-book" in methods else None
+        done, record = 0, {"row": item.row, "question": item.question, "answers": item.answers, "k": {}}
+        for k in ks:
+            for text in pack([d.passage for d in distractors[done:k]], subject):
+                run.add(text, f"distractors-{k}")
+            done = k
+            answers = {}
+            if memory is not None:
+                answers["memllm"] = subject.ask(memory, item.question)
+                later = _after(subject.updates(memory), "gold")
+                size = statistics.mean(u["tokens"] for u in later) if later else 0.0
+                survival[k]["paper"].append(max(0.0, 1 - size / subject.pool_size) ** len(later))
+                survival[k]["expected"].append(math.prod(1 - u["dropped"] / u["before"] for u in later if u["before"]))
+                survival[k]["measured"].append(subject.held(memory).get("gold", 0.0))
+            if "prompt" in methods:
+                answers["prompt"] = (subject.ask(run.prompt, item.question) if run.prompt is not None
+                                     else subject.ask_text(_cut_left(chunks, subject), item.question))
+            if "bm25" in methods:
+                answers["bm25"] = subject.ask_text(bm25_top(chunks, item.question, subject, bm25_budget), item.question)
+            if closed is not None:
+                answers["closed-book"] = closed
+            for method, answer in answers.items():
+                scores[method][k] += is_correct(answer, item.answers)
+            record["k"][k] = {m: {"answer": a.strip()[:200], "correct": is_correct(a, item.answers)}
+                              for m, a in answers.items()}
+            progress.advance(1, f"retention: question {q + 1}/{len(chosen)}, k={k}")
+        details.append(record)
+    progress.finish()
+    return {
+        "benchmark": "retention", "data": data.describe(), "scorer": SCORER_VERSION,
+        "settings": {"questions": len(chosen), "seed": seed, "ks": ks, "methods": list(methods),
+                     "methods_not_supported": skipped,
+                     "bm25_budget_tokens": bm25_budget, "update_tokens": CHUNK_TOKENS},
+        "rows_used": sorted(i.row for i in chosen),
+        "results": {m: {str(k): accuracy(scores[m][k], len(chosen)) for k in ks} for m in methods},
+        "survival": {str(k): {name: _mean(values) for name, values in v.items()} for k, v in survival.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+        "details": details,
+    }
+
+
+@dataclasses.dataclass
+class _Run:
+    """One question's memory and prompt, written chunk by chunk."""
+
+    subject: Subject
+    memory: Any
+    prompt: Any  # the prompt baseline prefilled chunk by chunk while it fits; then None
+    chunks: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, text: str, name: str) -> None:
+        self.chunks.append(text)
+        if self.memory is not None:
+            self.subject.write(self.memory, text, name)
+        if self.prompt is not None:
+            if self.subject.count(text) + 2 <= self.subject.room(self.prompt):
+                self.subject.write(self.prompt, text, name)
+            else:
+                self.prompt = None  # from here on: the whole prompt, cut from the left, each time
+
+
+def _cut_left(chunks: list[str], subject: Subject) -> list[str]:
+    """The prompt baseline's text: the newest chunks that fit the window (the oldest cut)."""
+    kept, size = [], 0
+    for text in reversed(chunks):
+        size += subject.count(text)
+        if size > subject.window:
+            break
+        kept.append(text)
+    return kept[::-1]
+
+
+def bm25_top(chunks: list[str], question: str, subject: Subject, budget: int) -> list[str]:
+    """The chunks BM25 ranks highest for the question, best first, up to `budget` tokens,
+    placed in their original order (as a retrieval-augmented prompt would)."""
+    import bm25s
+
+    tokens = bm25s.tokenize(chunks, stopwords="en", show_progress=False)
+    retriever = bm25s.BM25()
+    retriever.index(tokens, show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
+    order, _ = retriever.retrieve(query, k=len(chunks), show_progress=False)
+    picked, size = [], 0
+    for i in order[0].tolist():
+        n = subject.count(chunks[i])
+        if size + n > budget:
+            if not picked:  # the best chunk alone is over the budget: keep its start
+                continue
+            break
+        picked.append(i)
+        size += n
+    return [chunks[i] for i in sorted(picked)]
+
+
+def _after(updates: list[dict], source: str) -> list[dict]:
+    """The updates after the first one that wrote `source`."""
+    first = next((i for i, u in enumerate(updates) if u["source"] == source), len(updates))
+    return updates[first + 1:]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.mean(values), 4) if values else None
+
+
+# -- speed --------------------------------------------------------------------------------
+
+
+def speed(subject: Subject, data: Data, *, questions: int, seed: int, fills: Sequence[float] = (0.25, 0.5, 1.0),
+          progress: Progress | None = None) -> dict:
+    """Ingest throughput against a plain forward pass; ask latency at memory fills, beside
+    the prompt holding the same text. Medians and spreads over `questions` asks after one
+    warm-up."""
+    progress = progress or NoProgress()
+    rng = random.Random(seed)
+    items = rng.sample(data.items, len(data.items))
+    texts = pack([i.passage for i in items], subject)
+    asked = [i.question for i in items[:questions + 1]]
+    progress.start(len(fills) * 2 + 1, "speed")
+    plain = []
+    for text in texts[:3] + texts[:3]:  # the first three warm up
+        t0 = time.perf_counter()
+        subject.plain_forward(text)
+        plain.append((subject.count(text), time.perf_counter() - t0))
+    plain_rate = sum(n for n, _ in plain[3:]) / sum(s for _, s in plain[3:])
+    progress.advance(1)
+    memory = subject.new_memory(seed)
+    written, runs, seconds, held_texts, it = 0, [], 0.0, [], iter(texts)
+    for fill in sorted(fills):
+        target = int(fill * subject.pool_size)
+        segment_tokens, segment_seconds = 0, 0.0
+        while subject.held_tokens(memory) < target:
+            try:
+                text = next(it)
+            except StopIteration:
+                raise InputError("not enough data to fill the memory") from None
+            t0 = time.perf_counter()
+            subject.write(memory, text, "fill")
+            segment_seconds += time.perf_counter() - t0
+            segment_tokens += subject.count(text)
+            held_texts.append(text)
+        written += segment_tokens
+        seconds += segment_seconds
+        progress.advance(1, f"speed: asking at {fill:.0%}")
+        memory_runs = [subject.ask_timed(memory, q) for q in asked]
+        prompt_texts = _cut_left(held_texts, subject)
+        prompt_runs = [subject.ask_text_timed(prompt_texts, q) for q in asked] if subject.supports("prompt") else []
+        runs.append({
+            "fill": fill, "held": subject.held_tokens(memory),
+            "ingest_tokens_per_s": round(segment_tokens / segment_seconds, 1) if segment_seconds else None,
+            "ingest_over_plain": round(segment_tokens / segment_seconds / plain_rate, 3) if segment_seconds else None,
+            "memllm": _latency(memory_runs[1:]), "prompt": _latency(prompt_runs[1:]),
+            "prompt_tokens": sum(subject.count(t) for t in prompt_texts),
+        })
+        progress.advance(1)
+    progress.finish()
+    return {
+        "benchmark": "speed", "data": data.describe(),
+        "settings": {"questions": questions, "seed": seed, "fills": list(fills), "update_tokens": CHUNK_TOKENS},
+        "plain_forward_tokens_per_s": round(plain_rate, 1),
+        "ingest_tokens_per_s": round(written / seconds, 1) if seconds else None,
+        "ingest_over_plain": round(written / seconds / plain_rate, 3) if seconds else None,
+        "runs": runs,
+        "peak_rss_bytes": peak_rss(),
+        "disk_bytes_per_token": subject.disk_bytes_per_token(memory),
+    }
+
+
+def _latency(runs: list[tuple[float, int, float]]) -> dict | None:
+    """runs: (first token seconds, tokens, total seconds)."""
+    if not runs:
+        return None
+    ttft = [r[0] for r in runs]
+    decode = [(r[1] - 1) / (r[2] - r[0]) for r in runs if r[1] > 1 and r[2] > r[0]]
+    return {
+        "first_token_s": _spread(ttft), "decode_tokens_per_s": _spread(decode),
+    }
+
+
+def _spread(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4)}
+
+
+def peak_rss() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
+
+
+# -- integrity ----------------------------------------------------------------------------
+
+
+def integrity(subject: Subject, data: Data, *, questions: int, seed: int, updates: int = 1000,
+              held_out: int = 5, progress: Progress | None = None) -> dict:
+    """After U updates of unrelated text, measured at U = 0, 10, 100, ... up to `updates`:
+    the retention of `questions` freshly written facts, the perplexity of held-out text read
+    after the memory, and per-layer pool statistics."""
+    progress = progress or NoProgress()
+    rng = random.Random(seed)
+    shuffled = rng.sample(data.items, len(data.items))
+    facts = shuffled[:questions]
+    heldout = shuffled[questions:questions + held_out]
+    answers = [normalise(a) for f in facts for a in f.answers if normalise(a)]
+    stream = [i for i in shuffled[questions + held_out:] if not any(a in normalise(i.passage) for a in answers)]
+    if not stream:
+        raise InputError("not enough data for the unrelated updates")
+    checkpoints = sorted({0, updates} | {10 ** e for e in range(1, 7) if 10 ** e < updates})
+    progress.start(updates + len(checkpoints), "integrity")
+    memory = subject.new_memory(seed)
+    done, results = 0, []
+    started = time.perf_counter()
+    for point in checkpoints:
+        while done < point:
+            subject.write(memory, stream[done % len(stream)].passage, "stream")
+            done += 1
+            progress.advance(1, f"integrity: update {done}/{updates}")
+        probe = subject.fork(memory)
+        for fact in facts:
+            subject.write(probe, fact.passage, f"fact-{fact.row}")
+        correct = sum(is_correct(subject.ask(probe, f.question), f.answers) for f in facts)
+        nll, count = 0.0, 0
+        for text in heldout:
+            total, n = subject.nll(memory, text.passage)
+            nll, count = nll + total, count + n
+        stats = subject.pool_stats(probe)
+        results.append({
+            "updates": point, "retention": accuracy(correct, len(facts)),
+            "perplexity": round(math.exp(nll / count), 3) if count else None,
+            "held": subject.held_tokens(memory),
+            "pool": {"layers": len(stats),
+                     "mean_norm": {"min": round(min(s["mean_norm"] for s in stats), 4),
+                                   "max": round(max(s["mean_norm"] for s in stats), 4)},
+                     "max_norm": round(max(s["max_norm"] for s in stats), 4),
+                     "per_layer": stats},
+        })
+        progress.advance(1, f"integrity: measured at U={point}")
+    progress.finish()
+    base = results[0]
+    for r in results:
+        a, b = r["retention"], base["retention"]
+        noise = 2 * math.sqrt(a["stderr"] ** 2 + b["stderr"] ** 2)
+        r["retention_within_noise"] = abs(a["accuracy"] - b["accuracy"]) <= max(noise, 1 / max(a["total"], 1))
+        r["perplexity_ratio"] = round(r["perplexity"] / base["perplexity"], 4) if base["perplexity"] else None
+        r["max_norm_ratio"] = round(r["pool"]["max_norm"] / base["pool"]["max_norm"], 4) \
+            if base["pool"]["max_norm"] else None
+    return {
+        "benchmark": "integrity", "data": data.describe(), "scorer": SCORER_VERSION,
+        "settings": {"questions": len(facts), "seed": seed, "updates": updates, "held_out_passages": len(heldout),
+                     "checkpoints": checkpoints},
+        "results": results, "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# -- the real subject -----------------------------------------------------------------------
+
+
+class ServiceSubject:
+    """The configured model and memory settings, through the service's in-RAM memories."""
+
+    def __init__(self, service, *, max_new_tokens: int = 32, base_memory: str | None = None) -> None:
+        self.service = service
+        self.lm = service.model()
+        self.max_new_tokens = max_new_tokens
+        self.base = service._load_memory(base_memory) if base_memory else None
+        probe = service.scratch_memory()
+        self.pool_size = probe.pool_size
+        self.trained = self.lm.trained
+        self.name = self.lm.name
+        sink = len(self.lm.prompt.sink_ids(self.lm.tokenizer))
+        positions = self.lm.engine.max_positions if not self.trained else self.lm.engine.c.raw.get(
+            "max_position_embeddings", 4096)
+        self.window = positions - sink - 1024
+
+    def supports(self, method: str) -> bool:
+        return method == "memllm" or not self.trained  # the baselines need a plain language model
+
+    def count(self, text: str) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def new_prompt_memory(self):
+        """A float32 pool that never drops, written after the whole pool: exactly a prompt
+        prefilled chunk by chunk (tests/test_service.py checks the equality)."""
+        if self.trained:
+            return None
+        return self.service.scratch_memory(pool_size=self.window, write_context=self.window, dtype="float32")
+
+    def room(self, memory) -> int:
+        return memory.pool_size - len(memory)
+
+    def new_memory(self, seed: int):
+        if self.base is not None:
+            memory = self.base.fork()
+            memory.keep_blocks = False
+            return memory
+        return self.service.scratch_memory(seed=seed)
+
+    def fork(self, memory):
+        return memory.fork()
+
+    def write(self, memory, text: str, name: str) -> int:
+        before = memory.update_count
+        self.service.write_text(memory, text, name)
+        return memory.update_count - before
+
+    def _answer(self, answer) -> tuple[float, int, float]:
+        text = "".join(answer)
+        return answer.first_token_seconds or answer.seconds, len(answer.ids), answer.seconds, text
+
+    def ask(self, memory, question: str) -> str:
+        return "".join(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens))
+
+    def ask_timed(self, memory, question: str) -> tuple[float, int, float]:
+        return self._answer(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens))[:3]
+
+    def ask_text(self, texts: list[str], question: str) -> str:
+        if self.trained:
+            return ""
+        return "".join(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))
+
+    def ask_text_timed(self, texts: list[str], question: str) -> tuple[float, int, float]:
+        return self._answer(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))[:3]
+
+    def held(self, memory) -> dict[str, float]:
+        held = memory.held_per_source()
+        out: dict[str, float] = {}
+        for i, source in enumerate(memory.sources):
+            written = source.get("rows", source["tokens"])
+            out[source["name"]] = held[i] / written if written else 0.0
+        return out
+
+    def held_tokens(self, memory) -> int:
+        return len(memory)
+
+    def updates(self, memory) -> list[dict]:
+        """Every update of an unsaved memory, with the pool length before it."""
+        sizes = [u.get("rows", u["tokens"]) for u in memory.updates]
+        held = len(memory) if not self.trained else memory.pool_size
+        before = held - sum(s - u["dropped"] for s, u in zip(sizes, memory.updates, strict=True))
+        out = []
+        for size, u in zip(sizes, memory.updates, strict=True):
+            out.append({"source": memory.sources[u["source"]]["name"], "tokens": size, "dropped": u["dropped"],
+                        "before": before})
+            before += size - u["dropped"]
+        return out
+
+    def nll(self, memory, text: str) -> tuple[float, int]:
+        import torch
+        import torch.nn.functional as F
+
+        ids = self.lm.tokenizer(text, add_special_tokens=False).input_ids[:CHUNK_TOKENS]
+        x = torch.tensor(ids)
+        if self.trained:
+            self.lm.engine.set_state(memory.state)
+            logits = self.lm.engine.forward(x)
+        else:
+            logits = self.lm.engine.forward(x, memory.context(self.service.sink()))
+        loss = F.cross_entropy(logits[:-1].float().cpu(), x[1:], reduction="sum")
+        return float(loss), len(ids) - 1
+
+    def pool_stats(self, memory) -> list[dict]:
+        if self.trained:
+            rows = memory.state["rows"]
+            return [{"layer": i, "mean_norm": float(r.float().norm(dim=-1).mean()),
+                     "max_norm": float(r.float().norm(dim=-1).max())} for i, r in enumerate(rows)]
+        keys, values = memory.pool.keys.float(), memory.pool.values.float()  # (L, Hkv, n, hd)
+        out = []
+        for i in range(keys.shape[0]):
+            k = keys[i].norm(dim=-1)  # (Hkv, n)
+            v = values[i].norm(dim=-1)
+            out.append({"layer": i, "mean_norm": float(v.mean()), "max_norm": float(v.max()),
+                        "key_mean_norm": float(k.mean()), "key_max_norm": float(k.max())})
+        return out
+
+    def plain_forward(self, text: str) -> None:
+        import torch
+
+        ids = torch.tensor(self.lm.tokenizer(text, add_special_tokens=False).input_ids[:CHUNK_TOKENS])
+        if self.trained:
+            state = self.lm.engine.state()
+            self.lm.engine.initialized = False
+            self.lm.engine.forward(ids)
+            self.lm.engine.set_state(state)
+        else:
+            self.lm.engine.forward(ids)
+
+    def disk_bytes_per_token(self, memory) -> float | None:
+        """Bytes the store would write for this pool: its tokens as one block, plus one version."""
+        import torch
+
+        from .store import Store
+
+        if self.trained or len(memory) == 0:
+            return None
+        with tempfile.TemporaryDirectory() as home:
+            store = Store(Path(home))
+            store.create("m", {})
+            pool = memory.pool
+            store.write_block("m", {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)},
+                              {})
+            tensors = {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
+            store.write_version("m", tensors, {"parent": None})
+            return round(store.disk_bytes("m") / len(memory), 1)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def environment(subject: Subject) -> dict:
+    import torch
+    import transformers
+
+    try:
+        import bm25s
+
+        bm25_version = bm25s.__version__
+    except ImportError:
+        bm25_version = None
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpus": _cpus(), "torch_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "versions": {"memllm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "bm25s": bm25_version},
+        "model": {"name": subject.name, "kind": "trained" if getattr(subject, "trained", False) else "training-free",
+                  "pool_size": subject.pool_size, "window": subject.window},
+    }
+
+
+def _cpus() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def plot(result: dict, path: Path) -> bool:
+    """A PNG of the retention curve (accuracy vs k per method, with standard errors, and the
+    survival probability of a written token); False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ks = result["settings"]["ks"]
+    x = list(range(len(ks)))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for method, series in result["results"].items():
+        acc = [series[str(k)]["accuracy"] for k in ks]
+        err = [series[str(k)]["stderr"] for k in ks]
+        ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, label=method)
+    paper = [result["survival"][str(k)]["paper"] for k in ks]
+    measured = [result["survival"][str(k)]["measured"] for k in ks]
+    if any(v is not None for v in paper):
+        ax.plot(x, paper, linestyle="--", color="gray", label="survival (1-K/N)^t")
+        ax.plot(x, measured, linestyle=":", color="black", label="gold tokens still held")
+    ax.set_xticks(x, [str(k) for k in ks])
+    ax.set_xlabel("unrelated passages written after the gold passage (k)")
+    ax.set_ylabel("accuracy / share")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"knowledge retention, {result['environment']['model']['name']}, "
+                 f"{result['settings']['questions']} NQ questions")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
