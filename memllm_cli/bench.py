@@ -38,7 +38,7 @@ from .qa import SCORER_VERSION, Item, is_correct, load_items, normalise
 DEFAULT_KS = (0, 1, 2, 5, 10, 20, 50)
 DEV_ROWS = range(0, 2000)  # nq-open-oracle rows for development; 2000-2654 are reserved for acceptance
 CHUNK_TOKENS = 512
-METHODS = ("memllm", "prompt", "bm25", "closed-book")
+METHODS = ("memllm", "pool", "prompt", "bm25", "closed-book")  # pool: MemoryLLM's reading of the whole pool
 DEFAULTS = {"retention": 10, "speed": 3, "integrity": 20}  # --questions: each default run fits 15 min on 2 cores
 
 
@@ -57,7 +57,7 @@ class Subject(Protocol):
     def held_tokens(self, memory: Any) -> int: ...
     def fork(self, memory: Any) -> Any: ...
     def write(self, memory: Any, text: str, name: str) -> int: ...  # returns the updates made
-    def ask(self, memory: Any, question: str) -> str: ...
+    def ask(self, memory: Any, question: str, *, whole_pool: bool = False) -> str: ...
     def ask_timed(self, memory: Any, question: str) -> tuple[float, int, float]: ...
     def ask_text(self, texts: list[str], question: str) -> str: ...  # the prompt baselines
     def ask_text_timed(self, texts: list[str], question: str) -> tuple[float, int, float]: ...
@@ -165,7 +165,7 @@ def retention(subject: Subject, data: Data, *, questions: int, seed: int, ks: Se
     for q, item in enumerate(chosen):
         pool = unrelated(data.items, item)
         distractors = random.Random(seed * 1_000_003 + item.row).sample(pool, min(max(ks), len(pool)))
-        run = _Run(subject, subject.new_memory(seed + q) if "memllm" in methods else None,
+        run = _Run(subject, subject.new_memory(seed + q) if {"memllm", "pool"} & set(methods) else None,
                    subject.new_prompt_memory() if "prompt" in methods else None)
         run.add(item.passage, "gold")
         memory, chunks = run.memory, run.chunks
@@ -177,7 +177,10 @@ def retention(subject: Subject, data: Data, *, questions: int, seed: int, ks: Se
             done = k
             answers = {}
             if memory is not None:
-                answers["memllm"] = subject.ask(memory, item.question)
+                if "memllm" in methods:
+                    answers["memllm"] = subject.ask(memory, item.question)
+                if "pool" in methods:
+                    answers["pool"] = subject.ask(memory, item.question, whole_pool=True)
                 later = _after(subject.updates(memory), "gold")
                 size = statistics.mean(u["tokens"] for u in later) if later else 0.0
                 survival[k]["paper"].append(max(0.0, 1 - size / subject.pool_size) ** len(later))
@@ -429,8 +432,10 @@ def integrity(subject: Subject, data: Data, *, questions: int, seed: int, update
 class ServiceSubject:
     """The configured model and memory settings, through the service's in-RAM memories."""
 
-    def __init__(self, service, *, max_new_tokens: int = 32, base_memory: str | None = None) -> None:
+    def __init__(self, service, *, max_new_tokens: int = 32, base_memory: str | None = None,
+                 budget: int | None = None) -> None:
         self.service = service
+        self.budget = service._budget(budget)
         self.lm = service.model()
         self.max_new_tokens = max_new_tokens
         self.base = service._load_memory(base_memory) if base_memory else None
@@ -444,7 +449,9 @@ class ServiceSubject:
         self.window = positions - sink - 1024
 
     def supports(self, method: str) -> bool:
-        return method == "memllm" or not self.trained  # the baselines need a plain language model
+        if self.trained:  # the baselines need a plain language model; the checkpoint reads its own pool
+            return method == "memllm"
+        return method != "pool" or self.budget > 0
 
     def count(self, text: str) -> int:
         return len(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
@@ -462,9 +469,9 @@ class ServiceSubject:
     def new_memory(self, seed: int):
         if self.base is not None:
             memory = self.base.fork()
-            memory.keep_blocks = False
+            memory.keep_blocks = bool(self.budget)
             return memory
-        return self.service.scratch_memory(seed=seed)
+        return self.service.scratch_memory(seed=seed, keep_blocks=bool(self.budget))
 
     def fork(self, memory):
         return memory.fork()
@@ -478,11 +485,13 @@ class ServiceSubject:
         text = "".join(answer)
         return answer.first_token_seconds or answer.seconds, len(answer.ids), answer.seconds, text
 
-    def ask(self, memory, question: str) -> str:
-        return "".join(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens))
+    def ask(self, memory, question: str, *, whole_pool: bool = False) -> str:
+        budget = 0 if whole_pool else self.budget
+        return "".join(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens, budget=budget))
 
     def ask_timed(self, memory, question: str) -> tuple[float, int, float]:
-        return self._answer(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens))[:3]
+        answer = self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens, budget=self.budget)
+        return self._answer(answer)[:3]
 
     def ask_text(self, texts: list[str], question: str) -> str:
         if self.trained:

@@ -164,19 +164,28 @@ def ask(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {answer, model, memory, tokens, seconds}.")] = False,
+    budget: Annotated[int | None, typer.Option("--budget", min=0, help="Most memory tokens to read: the parts "
+                                               "most relevant to the question, from the pool and the long-term "
+                                               "tier; 0 reads the whole pool [config: read_budget; default: "
+                                               "1024].")] = None,
+    sources: Annotated[bool, typer.Option("--sources", help="After the answer, list the documents it read "
+                                          "(path, chunk, excerpt), most relevant first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {answer, model, memory, tokens, seconds, "
+                                          "sources}.")] = False,
 ) -> None:
     """Answer a question from memory, streaming the answer to stdout.
 
     Examples:
       memllm ask "When is the budget review?"
+      memllm ask --sources "Who has the shed key?"
       memllm -m work ask --json "Who owns the migration?" | jq -r .answer
     """
     if question == "-":
         question = sys.stdin.read()
     service = _service(ctx)
     answer = service.ask(
-        question, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        question, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        budget=budget,
     )
     if as_json:
         for _ in answer:
@@ -190,6 +199,14 @@ def ask(
         ended_with_newline = piece.endswith("\n")
     if not ended_with_newline:
         sys.stdout.write("\n")
+    if sources:
+        cited = answer.info.get("sources")
+        if cited is None:
+            print("sources: the whole pool was read (--budget 0, or a MemoryLLM checkpoint)")
+        else:
+            print("sources:" if cited else "sources: none (nothing in memory matched the question)")
+            for i, c in enumerate(cited, 1):
+                print(f"  {i}. {c['source']} (chunk {c['chunk']}, score {c['score']:.2f}): {c['excerpt']}")
 
 
 @app.command()
@@ -590,8 +607,9 @@ def bench_retention(
     questions: Annotated[int, typer.Option("--questions", min=1, help="Questions (one memory each).")] = 10,
     k: Annotated[list[int] | None, typer.Option("--k", help="Unrelated passages after the gold one; repeat "
                                                 "(default 0 1 2 5 10 20 50).")] = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: memllm, prompt, bm25, closed-book.")]
-    = "memllm,prompt,bm25,closed-book",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: memllm (reading within the budget), "
+                                         "pool (the whole pool), prompt, bm25, closed-book.")]
+    = "memllm,pool,prompt,bm25,closed-book",
     bm25_budget: Annotated[int, typer.Option("--bm25-budget", min=1, help="Prompt tokens of BM25's top chunks.")]
     = 1024,
     from_memory: Annotated[str | None, typer.Option("--from-memory", help="Start each question from this stored "

@@ -20,7 +20,8 @@ from .errors import ConfigError
 
 APP = "memllm"
 DEFAULT_MEMORY = "default"
-_KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions"}
+_KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions",
+         "read_budget"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Settings:
     pool_size: int | None = None  # for new memories; None: the model's default
     write_context: int | None = None  # for new memories; None: the whole pool
     gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
+    read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
 
 
 def config_path() -> Path:
@@ -52,7 +54,7 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
         "memory": memory or os.environ.get("MEMLLM_MEMORY") or file.get("memory") or DEFAULT_MEMORY,
         "model": model or os.environ.get("MEMLLM_MODEL") or file.get("model"),
     }
-    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions"):
+    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions", "read_budget"):
         if key in file:
             values[key] = file[key]
     for key in ("device", "dtype"):

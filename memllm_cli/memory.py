@@ -63,7 +63,7 @@ class Ledger:
 
     def block_meta(self, source: int, chunk: int, span: tuple[int, int], tokens: int) -> dict:
         src = self.sources[source]
-        return {"source": src["name"], "source_sha256": src["sha256"], "chunk": chunk,
+        return {"source": src["name"], "source_sha256": src["sha256"], "source_index": source, "chunk": chunk,
                 "start": span[0], "end": span[1], "tokens": tokens, "update": self.update_count}
 
     def fork(self):
@@ -139,7 +139,8 @@ class Memory(Ledger):
             self.pool = self.pool.select(drop_uniform(len(self.pool), overflow, seed))  # (L, Hkv, N - T, hd)
         self.pool = self.pool + new  # (L, Hkv, <= N, hd)
         if self.keep_blocks:
-            states = {"keys": new.keys.permute(2, 0, 1, 3), "values": new.values.permute(2, 0, 1, 3)}  # (T, L, Hkv, hd)
+            states = {"keys": new.keys.permute(2, 0, 1, 3), "values": new.values.permute(2, 0, 1, 3),  # (T, L, Hkv, hd)
+                      "ids": torch.tensor(ids, dtype=torch.int32)}  # (T,): the text, for retrieval and excerpts
             self.pending.append((states, self.block_meta(source, chunk, span, count)))
         return self.log_update(source, chunk, count, overflow, seed)
 

@@ -132,3 +132,22 @@ def tiny_tokenizer(chat: bool):
             "{% if add_generation_prompt %}<s>assistant: {% endif %}"
         )
     return tok
+
+
+def save_tiny_model(path: Path, *, seed: int = 0, layers: int = 3, hidden: int = 64) -> Path:
+    """A tiny random Llama (training-free kind) with the tiny tokenizer, for long runs such
+    as `memllm --model PATH bench integrity --updates 1000000`:
+
+        python -c "from memllm_cli.random_checkpoints import save_tiny_model as s; s('tiny')"
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    path = Path(path)
+    model.save_pretrained(path)
+    tiny_tokenizer(chat=True).save_pretrained(path)
+    return path

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import torch
 
-from . import __version__
+from . import __version__, recall
 from .chunking import chunk_document
 from .config import Settings, load_settings
 from .engine import Pool
@@ -36,6 +36,7 @@ DEFAULT_POOL_SIZE = 4096  # see docs/design.md, "Choosing N"
 ANSWER_RESERVE = 1024  # positions kept free after the pool for the question and the answer
 CHECKPOINT_SECONDS = 60.0  # a long ingest commits at document boundaries this often
 MIN_INJECTION = 16  # the official README: shorter injections disturb the trained memory
+READ_BUDGET = 1024  # tokens ask reads by default (docs/design.md, "Reading within a budget")
 
 
 @dataclass
@@ -223,21 +224,34 @@ class Memllm:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        budget: int | None = None,
     ) -> Answer:
-        """Answer from memory. Iterate the result for the text as it is generated."""
+        """Answer from memory. Iterate the result for the text as it is generated.
+
+        `budget` (default: the config's read_budget, else READ_BUDGET) caps the tokens read:
+        the blocks most relevant to the question, from the pool and the long-term tier; 0
+        reads the whole pool, as MemoryLLM does."""
         started = time.perf_counter()
         if not question.strip():
             raise InputError("the question is empty")
         name = self.memory_name
         info = self._open(name)
-        memory = self._load_memory(name)
+        lm = self.model(info)  # checks that this model wrote the memory
+        budget = self._budget(budget)
+        memory = self._load_memory(name, states=lm.trained or not budget)
         if memory is None or len(memory) == 0:
             raise MemoryNotFound(f"memory {name!r} is empty", hint="ingest something first: memllm ingest FILE")
-        self.model(info)  # checks that this model wrote the memory
         return self.ask_in(
             memory, question, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, seed=seed, started=started,
+            top_p=top_p, top_k=top_k, seed=seed, started=started, budget=budget,
         )
+
+    def _budget(self, budget: int | None) -> int:
+        budget = budget if budget is not None else self.settings.read_budget
+        budget = READ_BUDGET if budget is None else budget
+        if budget < 0:
+            raise InputError("the read budget must be >= 0 (0: the whole pool)")
+        return budget
 
     def ask_with_text(self, question: str, texts: list[str], *, max_new_tokens: int = 256) -> Answer:
         """The prompt baseline: the same texts placed in the prompt instead of memory."""
@@ -255,8 +269,10 @@ class Memllm:
     # -- memories in RAM (evaluation, benchmarks) ----------------------------------------
 
     def scratch_memory(self, *, pool_size: int | None = None, write_context: int | None = None,
-                       seed: int | None = None, dtype: str | None = None) -> Memory | TrainedMemory:
-        """An empty memory that lives in RAM only, for the current model."""
+                       seed: int | None = None, dtype: str | None = None,
+                       keep_blocks: bool = False) -> Memory | TrainedMemory:
+        """An empty memory that lives in RAM only, for the current model. With `keep_blocks`,
+        it keeps every update's tokens (its long-term tier, in RAM) for reading within a budget."""
         lm = self.model()
         if lm.trained:
             memory = TrainedMemory.empty(lm.engine)
@@ -265,7 +281,7 @@ class Memllm:
             if dtype is not None:
                 memory = Memory.empty(lm.engine, pool_size=memory.pool_size, write_context=memory.write_context,
                                       dtype=dtype)
-        memory.keep_blocks = False
+        memory.keep_blocks = keep_blocks and not lm.trained
         if seed is not None:
             memory.seed = seed
         return memory
@@ -281,19 +297,37 @@ class Memllm:
 
     def ask_in(self, memory: Memory | TrainedMemory, question: str, *, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               started: float | None = None) -> Answer:
-        """Answer from a given memory (stored or in RAM)."""
+               started: float | None = None, budget: int | None = 0) -> Answer:
+        """Answer from a given memory (stored or in RAM). With a budget, read only the blocks
+        most relevant to the question (the memory's stored blocks, and its pending ones)."""
         started = started or time.perf_counter()
         lm = self.model()
         ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
         sampling = {"stop_ids": lm.stop_ids(), "temperature": temperature, "top_p": top_p, "top_k": top_k,
                     "seed": seed}
+        info = {"model": lm.name, "memory": self.memory_name}
         if lm.trained:
             lm.engine.set_state(memory.state)
             tokens = (token for token, _ in lm.engine.stream(ids, max_new_tokens, **sampling))
-        else:
-            tokens = lm.engine.generate(ids, memory.context(self.sink()), max_new_tokens=max_new_tokens, **sampling)
-        return Answer(tokens, lm.tokenizer, {"model": lm.name, "memory": self.memory_name}, started)
+            return Answer(tokens, lm.tokenizer, info, started)
+        context = None
+        if budget:
+            stored = memory.head is not None and self.store.exists(self.memory_name)
+            found = recall.candidates(memory, self.store if stored else None, self.memory_name)
+            if found:
+                selected = recall.select(found, question, lm.tokenizer, budget)
+                dtype = DTYPES[memory.dtype]
+                context = self.sink() + (recall.read(selected, dtype) if selected else Pool.empty(
+                    lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, dtype))
+                info["read_tokens"] = sum(c.tokens for c in selected)
+                info["sources"] = _cited(memory, selected, lm.tokenizer)
+        if context is None:
+            if len(memory.pool.keys.shape) < 4 or memory.pool.keys.shape[-1] == 0:  # loaded without states
+                memory = self._load_memory(self.memory_name)
+            context = memory.context(self.sink())
+            info["read_tokens"] = len(memory)
+        tokens = lm.engine.generate(ids, context, max_new_tokens=max_new_tokens, **sampling)
+        return Answer(tokens, lm.tokenizer, info, started)
 
     # -- status ------------------------------------------------------------------------
 
@@ -307,6 +341,10 @@ class Memllm:
         pool_size = memory.pool_size if memory else info["pool_size"]
         live = [(i, s, held[i]) for i, s in enumerate(memory.sources if memory else []) if not s.get("forgotten")]
         long_term = memory.long_term_per_source() if isinstance(memory, TrainedMemory) else None
+        stored = self._stored_per_source(name, memory) if memory is not None and long_term is None else {}
+        per_update = _per_update(memory.sources) if memory else 0.0
+        if long_term is not None:
+            per_update = float(memory.write_context)  # K rows per injection
         return {
             "memory": name,
             "model": info["model"]["name"],
@@ -327,10 +365,24 @@ class Memllm:
                 {"name": s["name"], "sha256": s["sha256"], "chunks": s["chunks"],
                  "tokens_written": s["tokens"], "tokens_held": h,
                  **({"rows_written": s.get("rows", 0), "long_term_rows": long_term[i]}
-                    if long_term is not None else {})}
+                    if long_term is not None else {"tokens_long_term": max(0, stored.get(i, 0) - h)}),
+                 **{f"pool_after_{t}": round(recall.forecast(h, n if long_term is None else pool_size, pool_size,
+                                                             per_update, t)) for t in (10, 100)}}
                 for i, s, h in live
             ],
         }
+
+    def _stored_per_source(self, name: str, memory: Memory) -> dict[int, int]:
+        """Tokens per document in the blocks still on disk (pool and long-term tier)."""
+        by_sha = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
+        out: dict[int, int] = {}
+        for digest in memory.blocks:
+            if self.store.has_block(name, digest):
+                meta = self.store.block_meta(name, digest)
+                i = by_sha.get(meta.get("source_sha256"))
+                if i is not None:
+                    out[i] = out.get(i, 0) + int(meta.get("tokens", 0))
+        return out
 
     # -- versions ----------------------------------------------------------------------
 
@@ -438,10 +490,16 @@ class Memllm:
             row["added"] += key in new and key not in old
             row["dropped"] += key in old and key not in new
             row["held"] += key in new
+        meta_b = self.store.version_meta(name, b)
+        per_update = _per_update(meta_b["sources"]) if layers == 1 else float(meta_b["write_context"])
+        pool = meta_b["stats"]["tokens"] if layers == 1 else meta_b["pool_size"]
         for row in rows.values():
             for k in ("added", "dropped", "held"):
                 row[k] = round(row[k] / layers)
             row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
+            row["long_term"] = max(0, row["written"] - row["held"]) if row["sha256"] else 0
+            for t in (10, 100):
+                row[f"pool_after_{t}"] = round(recall.forecast(row["held"], pool, meta_b["pool_size"], per_update, t))
         totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
         return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals,
                 "unit": "tokens" if layers == 1 else "rows per layer"}
@@ -717,6 +775,22 @@ def _match_sources(sources: list[dict], wanted: list[str], *, include_forgotten:
             raise InputError(f"{want}: no such document in memory", hint="see memllm status for what it holds")
         chosen += [i for i in hits if i not in chosen]
     return chosen
+
+
+def _cited(memory, selected: list, tokenizer) -> list[dict]:
+    """The documents an answer read, best retrieval score first, with a short excerpt."""
+    out = []
+    for c in sorted(selected, key=lambda c: -c.score):
+        text = " ".join(tokenizer.decode(c.ids, skip_special_tokens=True).split())
+        out.append({"source": memory.sources[c.source]["name"], "chunk": c.chunk, "score": round(c.score, 3),
+                    "tokens": c.tokens, "excerpt": text[:160] + ("..." if len(text) > 160 else "")})
+    return out
+
+
+def _per_update(sources: list[dict]) -> float:
+    """Mean tokens per update so far (the K of the forecast)."""
+    chunks = sum(s["chunks"] for s in sources)
+    return sum(s.get("rows", s["tokens"]) for s in sources) / chunks if chunks else float(CHUNK_TOKENS)
 
 
 def _ingest_message(memory: Memory) -> str:

@@ -127,17 +127,33 @@ class Store:
         """Store the tokens of one update; tensors are token-major (T, ...). Returns its id."""
         return self._put(name, "blocks", tensors, meta)
 
-    def read_block_rows(self, name: str, block: str, rows: list[int], keys: tuple[str, ...]) -> dict:
-        """Rows of a block's tensors, read through a memory map: only those rows are read."""
+    def read_block_rows(self, name: str, block: str, rows: list[int] | None, keys: tuple[str, ...]) -> dict:
+        """Rows of a block's tensors (None: all), read through a memory map: only those rows are read."""
         path = self._object(name, "blocks", block)
         try:
             with safe_open(path, framework="pt") as f:
                 out = {}
                 for key in keys:
+                    if rows is None:
+                        out[key] = f.get_tensor(key)
+                        continue
                     view = f.get_slice(key)
                     parts = [view[start:stop] for start, stop in _runs(rows)]
                     out[key] = torch.cat(parts) if parts else None
                 return out
+        except (OSError, SafetensorError) as err:
+            raise StoreError(f"memory {name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+
+    def has_block(self, name: str, block: str) -> bool:
+        return (self.path(name) / "blocks" / f"{block}.safetensors").is_file()
+
+    def read_block_ids(self, name: str, block: str) -> list[int] | None:
+        """The token ids a block's tokens were written from, or None for blocks written
+        before blocks kept them."""
+        path = self._object(name, "blocks", block)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor("ids").tolist() if "ids" in f.keys() else None
         except (OSError, SafetensorError) as err:
             raise StoreError(f"memory {name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
 

@@ -102,8 +102,7 @@ class TrainedMemory(Ledger):
             tensors = {"rows": torch.stack([d.cpu() for d in delta], dim=1)}  # (n, L, d)
             if self.mplus:
                 tensors["keys"] = torch.stack([k[-n:].cpu() for k in self.state["row_keys"]], dim=1)  # (n, L, s)
-            self.pending.append((tensors, {**self.block_meta(source, chunk, span, len(ids)), "rows": n,
-                                           "source_index": source}))
+            self.pending.append((tensors, {**self.block_meta(source, chunk, span, len(ids)), "rows": n}))
         self.sources[source]["rows"] = self.sources[source].get("rows", 0) + n
         self.meta["initialized"] = engine.initialized
         self.meta["update_step"] = self.state.get("update_step", 0)

@@ -46,7 +46,7 @@ class FakeSubject:
     name = "fake"
     trained = False
 
-    def __init__(self, pool_size=600, window=2000, supports=("memllm", "prompt", "bm25", "closed-book")):
+    def __init__(self, pool_size=600, window=2000, supports=bench.METHODS):
         self.pool_size, self.window, self._supports = pool_size, window, supports
         self.calls = Counter()
         self.writes = []
@@ -93,8 +93,9 @@ class FakeSubject:
         code = "code" + question.split("item ")[1].rstrip("?")
         return f"It is {code}." if any(w.rstrip(".") == code for w in words) else "I do not know."
 
-    def ask(self, memory, question):
+    def ask(self, memory, question, *, whole_pool=False):
         self.calls["ask"] += 1
+        self.calls["ask_whole_pool"] += whole_pool
         return self._answer(question, [w for _, w in memory.words])
 
     def ask_timed(self, memory, question):
@@ -158,7 +159,9 @@ def test_retention_measures_what_the_memory_still_holds(data):
 def test_retention_calls_and_updates(data):
     subject = FakeSubject()
     result = bench.retention(subject, data, questions=5, seed=0, ks=[0, 2, 10])
-    assert subject.calls["new_memory"] == 5 and subject.calls["ask"] == 5 * 3 + 5 * 3  # memllm + prompt (prefilled)
+    # memllm, pool (whole_pool) and the prefilled prompt, at every k
+    assert subject.calls["new_memory"] == 5 and subject.calls["ask"] == 3 * 5 * 3
+    assert subject.calls["ask_whole_pool"] == 5 * 3
     assert subject.calls["ask_text"] == 5 * 3 + 5  # bm25 per k, closed book once per question
     assert max(subject.count(t) for t in subject.writes) <= bench.CHUNK_TOKENS  # packed updates stay <= 512
     assert result["settings"]["ks"] == [0, 2, 10] and result["scorer"] and len(result["data"]["sha256"]) == 64
@@ -177,7 +180,7 @@ def test_unsupported_methods_are_reported_not_scored(data):
     subject = FakeSubject(supports=("memllm",))
     result = bench.retention(subject, data, questions=2, seed=0, ks=[0])
     assert list(result["results"]) == ["memllm"]
-    assert result["settings"]["methods_not_supported"] == ["prompt", "bm25", "closed-book"]
+    assert result["settings"]["methods_not_supported"] == ["pool", "prompt", "bm25", "closed-book"]
     with pytest.raises(InputError, match="unknown method"):
         bench.retention(subject, data, questions=1, seed=0, methods=["oracle"])
 

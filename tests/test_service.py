@@ -35,7 +35,7 @@ def test_memory_answers_equal_prompt_answers_when_nothing_is_dropped(tiny_dir):
     service = Memllm(model=str(tiny_dir), pool_size=2048)
     texts = [PARAGRAPH, "The tool shed code is 4172. " * 5, "Paris is the capital of France. " * 4]
     service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(texts)])
-    from_memory = service.ask("What is the code?", max_new_tokens=8)
+    from_memory = service.ask("What is the code?", max_new_tokens=8, budget=0)  # the whole pool
     from_prompt = service.ask_with_text("What is the code?", texts, max_new_tokens=8)
     "".join(from_memory), "".join(from_prompt)
     assert from_memory.ids == from_prompt.ids

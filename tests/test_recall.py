@@ -1,0 +1,142 @@
+"""The long-term tier and reading within a budget (training-free kind, tiny random models)."""
+
+import subprocess
+import sys
+
+import torch
+
+from memllm_cli import recall
+from memllm_cli.service import Memllm
+from tests.test_service import doc
+
+TOPICS = [
+    ("shed", "The tool shed code is 4172. The key hangs inside the shed door. " * 4),
+    ("garden", "The garden coordinator is Maria Okafor. Volunteers meet every Tuesday at six. " * 4),
+    ("capitals", "Paris is the capital of France. Berlin is the capital of Germany. " * 4),
+    ("numbers", "Numbers like 1901, 42 and 3.14 appear in text; so do commas, colons and quotes. " * 4),
+]
+
+
+def filled(tiny_dir, pool_size=512, repeats=3):
+    """A memory whose pool (512 tokens) long ago dropped most of the first documents."""
+    service = Memllm(model=str(tiny_dir), memory="lt", pool_size=pool_size)
+    docs = [doc(f"{name}-{r}", f"Part {r}. {text}") for r in range(repeats) for name, text in TOPICS]
+    service.ingest_documents(docs)
+    return service
+
+
+def test_blocks_keep_the_token_ids_they_were_written_from(tiny_dir):
+    service = Memllm(model=str(tiny_dir), memory="ids")
+    service.ingest_documents([doc("shed", TOPICS[0][1])])
+    (block,) = service.store.blocks("ids")
+    ids = service.store.read_block_ids("ids", block)
+    lm = service.model()
+    assert lm.tokenizer.decode(ids).strip() == TOPICS[0][1].strip()
+
+
+def test_nothing_ingested_is_lost_when_the_pool_drops_it(tiny_dir):
+    service = filled(tiny_dir)
+    status = service.status()
+    first = next(s for s in status["sources"] if s["name"] == "shed-0")
+    assert first["tokens_held"] < first["tokens_written"]  # the pool dropped part of it ...
+    assert first["tokens_held"] + first["tokens_long_term"] == first["tokens_written"]  # ... the tier kept it
+    answer = service.ask("What is the tool shed code?", max_new_tokens=3, budget=600)
+    "".join(answer)
+    cited = answer.info["sources"]
+    assert cited and cited[0]["source"].startswith("shed-") and "shed" in cited[0]["excerpt"]
+    assert "shed-0" in {c["source"] for c in cited}  # dropped from the pool, read from the long-term tier
+    assert answer.info["read_tokens"] <= 600
+    assert [c["score"] for c in cited] == sorted((c["score"] for c in cited), reverse=True)
+
+
+def test_a_budget_reads_only_the_selected_blocks(tiny_dir, monkeypatch):
+    service = filled(tiny_dir)
+    reads = []
+    original = service.store.read_block_rows
+
+    def counting(name, block, rows, keys):
+        reads.append((block, rows))
+        return original(name, block, rows, keys)
+
+    monkeypatch.setattr(service.store, "read_block_rows", counting)
+    answer = service.ask("Who is the garden coordinator?", max_new_tokens=2, budget=600)
+    "".join(answer)
+    assert len(reads) == len(answer.info["sources"]) >= 1 and all(rows is None for _, rows in reads)  # no pool load
+    assert len(reads) < len(service.store.blocks("lt")) == 12
+    assert {c["source"].split("-")[0] for c in answer.info["sources"]} == {"garden"}
+
+
+def test_reading_one_block_equals_the_prompt_with_its_text(tiny_dir):
+    service = Memllm(model=str(tiny_dir), memory="one")
+    service.ingest_documents([doc("shed", TOPICS[0][1])])
+    from_memory = service.ask("What is the code?", max_new_tokens=6, budget=1024)
+    from_prompt = service.ask_with_text("What is the code?", [TOPICS[0][1]], max_new_tokens=6)
+    "".join(from_memory), "".join(from_prompt)
+    assert from_memory.ids == from_prompt.ids
+    assert from_memory.info["read_tokens"] == service.status()["tokens"]
+
+
+def test_budget_zero_reads_the_whole_pool(tiny_dir):
+    service = filled(tiny_dir)
+    answer = service.ask("What is the tool shed code?", max_new_tokens=2, budget=0)
+    "".join(answer)
+    assert "sources" not in answer.info and answer.info["read_tokens"] == service.status()["tokens"] == 512
+
+
+def test_forgotten_and_rolled_back_documents_are_not_read(tiny_dir):
+    service = filled(tiny_dir, repeats=1)
+    service.forget(["shed-0"])
+    answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
+    "".join(answer)
+    assert "shed-0" not in {c["source"] for c in answer.info["sources"]}
+    service.ingest_documents([doc("late", "A late note about the tool shed code: it changed to 9911. " * 3)])
+    service.rollback("HEAD~1")
+    answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
+    "".join(answer)
+    assert "late" not in {c["source"] for c in answer.info["sources"]}
+
+
+def test_status_and_diff_forecast_the_pool(tiny_dir):
+    service = filled(tiny_dir)
+    status = service.status()
+    last = status["sources"][-1]
+    assert last["pool_after_10"] < last["tokens_held"] and last["pool_after_100"] <= last["pool_after_10"]
+    service.ingest_documents([doc("late", "A late note about the tool shed. " * 5)])
+    diff = service.diff("HEAD~1", "HEAD")
+    assert "late" in {r["source"] for r in diff["sources"]} and any(r["long_term"] > 0 for r in diff["sources"])
+    for row in diff["sources"]:
+        assert row["long_term"] == row["written"] - row["held"] and row["pool_after_100"] <= row["held"]
+
+
+def test_forecast_waits_for_the_pool_to_fill():
+    assert recall.forecast(100, 0, 1000, 100, 9) == 100  # 900 tokens in a 1000-token pool: nothing dropped yet
+    full = recall.forecast(100, 1000, 1000, 100, 10)
+    assert abs(full - 100 * 0.9 ** 10) < 1e-9
+
+
+def test_an_in_ram_memory_reads_its_pending_blocks(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=512)
+    memory = service.scratch_memory(keep_blocks=True, seed=0)
+    for name, text in TOPICS * 2:
+        service.write_text(memory, text, name)
+    found = recall.candidates(memory)
+    assert len(found) == 8 and all(c.block.startswith("pending-") for c in found)
+    selected = recall.select(found, "Who is the garden coordinator?", service.model().tokenizer, 600)
+    assert selected and {memory.sources[c.source]["name"] for c in selected} == {"garden"}
+    pool = recall.read(selected, torch.float16)
+    assert pool.keys.shape[2] == sum(c.tokens for c in selected)
+
+
+def test_cli_ask_lists_its_sources(tmp_path, env_model):
+    notes = tmp_path / "shed.txt"
+    notes.write_text(TOPICS[0][1])
+    other = tmp_path / "garden.txt"
+    other.write_text(TOPICS[1][1])
+    assert subprocess.run([sys.executable, "-m", "memllm_cli", "ingest", str(notes), str(other)],
+                          capture_output=True).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "--sources", "--max-tokens", "2",
+                          "What is the tool shed code?"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    at = lines.index("sources:")
+    assert str(notes) in lines[at + 1] and "chunk 0" in lines[at + 1]
