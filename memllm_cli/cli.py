@@ -502,6 +502,11 @@ def gc(
         typer.Option("--keep-versions", min=1, help="Keep only the N newest versions behind HEAD and each snapshot "
                      "[config: gc_keep_versions; default: all]."),
     ] = None,
+    keep_long_term: Annotated[
+        int | None,
+        typer.Option("--keep-long-term", min=0, help="Keep only the newest N tokens of the long-term tier (what "
+                     "the pool dropped, which ask can still read) [config: gc_keep_long_term; default: all]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete versions no snapshot or HEAD reaches, and blocks no remaining version uses.
@@ -509,8 +514,9 @@ def gc(
     Examples:
       memllm gc --dry-run
       memllm gc --keep-versions 20
+      memllm gc --keep-long-term 200000
     """
-    result = _service(ctx).gc(dry_run=dry_run, keep_versions=keep_versions)
+    result = _service(ctx).gc(dry_run=dry_run, keep_versions=keep_versions, keep_long_term=keep_long_term)
     if as_json:
         _print_json(result)
     else:

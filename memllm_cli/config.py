@@ -21,7 +21,7 @@ from .errors import ConfigError
 APP = "memllm"
 DEFAULT_MEMORY = "default"
 _KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions",
-         "read_budget"}
+         "read_budget", "gc_keep_long_term"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Settings:
     write_context: int | None = None  # for new memories; None: the whole pool
     gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
     read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
+    gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
 
 
 def config_path() -> Path:
@@ -54,7 +55,8 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
         "memory": memory or os.environ.get("MEMLLM_MEMORY") or file.get("memory") or DEFAULT_MEMORY,
         "model": model or os.environ.get("MEMLLM_MODEL") or file.get("model"),
     }
-    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions", "read_budget"):
+    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions", "read_budget",
+                "gc_keep_long_term"):
         if key in file:
             values[key] = file[key]
     for key in ("device", "dtype"):

@@ -70,6 +70,9 @@ def candidates(memory, store=None, name: str | None = None) -> list[Candidate]:
     return out
 
 
+MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
+
+
 def select(found: list[Candidate], question: str, tokenizer, budget: int) -> list[Candidate]:
     """The blocks BM25 ranks highest for the question, up to `budget` tokens, in the order
     they were written. A block larger than what is left of the budget is skipped, not cut;
@@ -86,7 +89,8 @@ def select(found: list[Candidate], question: str, tokenizer, budget: int) -> lis
     order, scores = retriever.retrieve(query, k=len(found), show_progress=False)
     for i, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
         found[i].score = float(score)
-    ranked = [c for c in sorted(found, key=lambda c: -c.score) if c.score > 0]
+    best = max(c.score for c in found)
+    ranked = [c for c in sorted(found, key=lambda c: -c.score) if c.score > 0 and c.score >= MIN_RELATIVE_SCORE * best]
     if not ranked:
         ranked = sorted(found, key=lambda c: -c.update)
     picked, used = [], 0

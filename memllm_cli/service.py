@@ -600,27 +600,56 @@ class Memllm:
         return {"memory": name, "ok": report.ok, "damaged": report.damaged, "checked": report.checked,
                 "head": self.store.head(name) if report.ok else None}
 
-    def gc(self, *, dry_run: bool = False, keep_versions: int | None = None) -> dict:
+    def gc(self, *, dry_run: bool = False, keep_versions: int | None = None,
+           keep_long_term: int | None = None) -> dict:
         """Delete versions no ref reaches and blocks no kept version uses. With `keep_versions`
         (default: the config's gc_keep_versions, else all), keep only HEAD's and each
-        snapshot's nearest that many versions of history."""
+        snapshot's nearest that many versions of history. With `keep_long_term` (tokens;
+        default: the config's gc_keep_long_term, else all), also delete the oldest blocks of
+        the long-term tier (blocks none of whose tokens is in a kept version's pool) beyond
+        that many tokens: this bounds the disk a memory takes, at the cost of what ask can
+        still find."""
         name = self.memory_name
         keep_versions = keep_versions or self.settings.gc_keep_versions
+        keep_long_term = keep_long_term if keep_long_term is not None else self.settings.gc_keep_long_term
         with self.store.lock(name, self.settings.lock_timeout):
             self._open(name, locked=True)
             keep = self.store.reachable(name, keep_versions)
             versions = [v for v in self.store.versions(name) if v not in keep]
             used = {b for v in keep for b in self.store.version_meta(name, v).get("blocks", [])}
             blocks = [b for b in self.store.blocks(name) if b not in used]
+            long_term = self._long_term_beyond(name, keep, keep_long_term) if keep_long_term is not None else []
             freed = 0
             if not dry_run:
                 freed += self.store.delete_objects(name, "versions", versions)
-                freed += self.store.delete_objects(name, "blocks", blocks)
+                freed += self.store.delete_objects(name, "blocks", blocks + long_term)
                 freed += self.store.remove_temporaries(name)
                 self.store.log_operation(name, {"time": now(), "op": "gc", "versions": len(versions),
-                                                "blocks": len(blocks), "bytes": freed, "pruned": versions})
-        return {"versions_deleted": len(versions), "blocks_deleted": len(blocks), "bytes_freed": freed,
-                "dry_run": dry_run}
+                                                "blocks": len(blocks) + len(long_term), "bytes": freed,
+                                                "pruned": versions, "pruned_blocks": long_term})
+        return {"versions_deleted": len(versions), "blocks_deleted": len(blocks) + len(long_term),
+                "long_term_blocks_deleted": len(long_term), "bytes_freed": freed, "dry_run": dry_run}
+
+    def _long_term_beyond(self, name: str, keep: set[str], tokens: int) -> list[str]:
+        """Blocks only the long-term tier holds, oldest first, past the newest `tokens` tokens."""
+        in_pool: set[str] = set()
+        listed: list[str] = []
+        for version in keep:
+            tensors, meta = self.store.read_version(name, version)
+            blocks = meta.get("blocks", [])
+            for key in block_tensors(tensors):  # the pool's, and M+'s long-term and waiting rows
+                in_pool.update(blocks[i] for i in tensors[key].flatten().unique().tolist() if i >= 0)
+            listed += [b for b in blocks if b not in listed]
+        tier = [b for b in listed if b not in in_pool and not b.startswith("@") and self.store.has_block(name, b)]
+        tier.sort(key=lambda b: -int(self.store.block_meta(name, b).get("update", 0)))  # newest first
+        kept, out = 0, []
+        for block in tier:
+            size = int(self.store.block_meta(name, block).get("tokens", 0))
+            if kept + size <= tokens:
+                kept += size
+            else:
+                out.append(block)
+        return out
 
     def export(self, path: Path) -> dict:
         """Write the whole memory (model fingerprint, blocks, versions, refs, journal) to one tar file."""

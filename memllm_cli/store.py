@@ -326,6 +326,7 @@ class Store:
                     progress(1)
         damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
         pruned = self.pruned(name)
+        pruned_blocks = self.pruned_blocks(name)
         for version in versions:
             if version[:12] in damaged_versions:
                 continue
@@ -339,6 +340,8 @@ class Store:
                 if block.startswith("@"):
                     continue  # the model checkpoint's own rows (trained kind)
                 rows = torch.cat([tensors[r][tensors[b] == i].flatten() for b, r in pairs])
+                if block not in good_blocks and block in pruned_blocks and not len(rows):
+                    continue  # gc bounded the long-term tier; no pool row of this version needs it
                 if block not in good_blocks:
                     report.damaged.append(f"version {version[:12]}: block {block[:12]} is missing or damaged")
                 elif len(rows) and int(rows.max()) >= good_blocks[block]:
@@ -383,6 +386,10 @@ class Store:
     def pruned(self, name: str) -> set[str]:
         """Versions that gc deleted on purpose (their children's parent links dangle)."""
         return {v for e in self.journal(name) if e.get("op") == "gc" for v in e.get("pruned", [])}
+
+    def pruned_blocks(self, name: str) -> set[str]:
+        """Long-term blocks that gc deleted on purpose (versions still list them, no pool row uses them)."""
+        return {b for e in self.journal(name) if e.get("op") == "gc" for b in e.get("pruned_blocks", [])}
 
     def delete_objects(self, name: str, kind: str, ids: list[str]) -> int:
         folder = self.path(name) / kind

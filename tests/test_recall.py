@@ -140,3 +140,25 @@ def test_cli_ask_lists_its_sources(tmp_path, env_model):
     lines = out.stdout.splitlines()
     at = lines.index("sources:")
     assert str(notes) in lines[at + 1] and "chunk 0" in lines[at + 1]
+
+
+def test_gc_bounds_the_long_term_tier(tiny_dir):
+    service = filled(tiny_dir, repeats=10)  # 40 updates through a 512-token pool: the oldest are gone from it
+    before = service.status()
+    lt_before = sum(s["tokens_long_term"] for s in before["sources"])
+    dry = service.gc(keep_long_term=0, dry_run=True)
+    assert dry["long_term_blocks_deleted"] > 0 and len(service.store.blocks("lt")) == 40
+    result = service.gc(keep_long_term=0)
+    assert result["long_term_blocks_deleted"] == dry["long_term_blocks_deleted"] and result["bytes_freed"] > 0
+    after = service.status()
+    assert sum(s["tokens_long_term"] for s in after["sources"]) < lt_before
+    assert after["tokens"] == before["tokens"]  # the pool is untouched
+    assert service.verify()["ok"]  # versions still list the pruned blocks; the journal says why
+    answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
+    "".join(answer)
+    present = set(service.store.blocks("lt"))
+    assert len(present) == 40 - result["blocks_deleted"]
+    found = recall.candidates(service._load_memory("lt", states=False), service.store, "lt")
+    assert {c.block for c in found} <= present
+    assert {c["source"] for c in answer.info["sources"]} <= {s["name"] for s in after["sources"]}
+    assert service.gc(keep_long_term=0)["long_term_blocks_deleted"] == 0  # nothing more to prune
