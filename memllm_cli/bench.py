@@ -51,11 +51,11 @@ class Subject(Protocol):
 
     def supports(self, method: str) -> bool: ...
     def count(self, text: str) -> int: ...
-    def new_memory(self, seed: int) -> Any: ...
+    def new_memory(self, seed: int, *, archive: bool = True) -> Any: ...  # archive: keep a long-term tier
     def new_prompt_memory(self) -> Any | None: ...  # a prompt built chunk by chunk (a KV cache), or None
     def room(self, memory: Any) -> int: ...  # tokens a memory takes before it must drop
     def held_tokens(self, memory: Any) -> int: ...
-    def fork(self, memory: Any) -> Any: ...
+    def fork(self, memory: Any) -> Any: ...  # a copy whose own updates are archived
     def write(self, memory: Any, text: str, name: str) -> int: ...  # returns the updates made
     def ask(self, memory: Any, question: str, *, whole_pool: bool = False) -> str: ...
     def ask_timed(self, memory: Any, question: str) -> tuple[float, int, float]: ...
@@ -381,7 +381,7 @@ def integrity(subject: Subject, data: Data, *, questions: int, seed: int, update
         raise InputError("not enough data for the unrelated updates")
     checkpoints = sorted({0, updates} | {10 ** e for e in range(1, 7) if 10 ** e < updates})
     progress.start(updates + len(checkpoints), "integrity")
-    memory = subject.new_memory(seed)
+    memory = subject.new_memory(seed, archive=False)  # the pool only: RAM stays flat over 10^6 updates
     done, results = 0, []
     started = time.perf_counter()
     for point in checkpoints:
@@ -466,15 +466,17 @@ class ServiceSubject:
     def room(self, memory) -> int:
         return memory.pool_size - len(memory)
 
-    def new_memory(self, seed: int):
+    def new_memory(self, seed: int, *, archive: bool = True):
         if self.base is not None:
             memory = self.base.fork()
-            memory.keep_blocks = bool(self.budget)
+            memory.keep_blocks = archive and bool(self.budget)
             return memory
-        return self.service.scratch_memory(seed=seed, keep_blocks=bool(self.budget))
+        return self.service.scratch_memory(seed=seed, keep_blocks=archive and bool(self.budget))
 
     def fork(self, memory):
-        return memory.fork()
+        copy = memory.fork()
+        copy.keep_blocks = bool(self.budget) and not self.trained
+        return copy
 
     def write(self, memory, text: str, name: str) -> int:
         before = memory.update_count

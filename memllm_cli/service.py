@@ -25,6 +25,7 @@ from .errors import InputError, MemoryNotFound, ModelError, StoreError
 from .memory import DTYPES, Memory, now
 from .migrations import migrate
 from .models import EMBEDDED, LoadedModel, load_model
+from .official import MPlus, split_ids
 from .progress import NoProgress, Progress
 from .sources import Collected, Document, collect
 from .store import FORMAT, Store
@@ -308,8 +309,8 @@ class Memllm:
         info = {"model": lm.name, "memory": self.memory_name}
         if lm.trained:
             lm.engine.set_state(memory.state)
-            tokens = (token for token, _ in lm.engine.stream(ids, max_new_tokens, **sampling))
-            return Answer(tokens, lm.tokenizer, info, started)
+            return Answer(self._trained_tokens(memory, lm, ids, max_new_tokens, sampling, info), lm.tokenizer, info,
+                          started)
         context = None
         if budget:
             stored = memory.head is not None and self.store.exists(self.memory_name)
@@ -328,6 +329,47 @@ class Memllm:
             info["read_tokens"] = len(memory)
         tokens = lm.engine.generate(ids, context, max_new_tokens=max_new_tokens, **sampling)
         return Answer(tokens, lm.tokenizer, info, started)
+
+    def _trained_tokens(self, memory: TrainedMemory, lm: LoadedModel, ids: torch.Tensor, max_new_tokens: int,
+                        sampling: dict, info: dict) -> Iterator[int]:
+        """The official generation; for M+, once its retriever has chosen (at the prompt's
+        forward pass), the documents the chosen long-term rows came from go into `info`."""
+        stream = lm.engine.stream(ids, max_new_tokens, **sampling)
+        cited = False
+        for token, _ in stream:
+            if not cited and isinstance(lm.engine, MPlus):
+                info["sources"], cited = self._retrieved(memory, lm), True
+            yield token
+        if not cited and isinstance(lm.engine, MPlus):
+            info["sources"] = self._retrieved(memory, lm)
+
+    def _retrieved(self, memory: TrainedMemory, lm: LoadedModel) -> list[dict]:
+        """M+: documents by the share of long-term rows its retriever placed before the pool."""
+        engine, counts = lm.engine, {}
+        for i, chosen in enumerate(engine.retrieved):
+            block, _ = split_ids(torch.cat([engine.ltm_ids[i], engine.cached_ids[i]])[chosen])
+            for b in block.tolist():
+                counts[b] = counts.get(b, 0) + 1
+        total = sum(counts.values()) or 1
+        stored = memory.head is not None and self.store.exists(self.memory_name)
+        merged: dict[tuple[int, int], dict] = {}
+        for b, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            source = memory.meta["block_sources"][b] if 0 <= b < len(memory.meta["block_sources"]) else -1
+            if source < 0:
+                continue  # the checkpoint's own long-term rows
+            key = (source, memory.meta["block_chunks"][b])
+            row = merged.setdefault(key, {"source": memory.sources[source]["name"], "chunk": key[1], "score": 0.0,
+                                          "rows": 0, "excerpt": ""})
+            row["score"] += n / total
+            row["rows"] += n
+            if not row["excerpt"] and stored and self.store.has_block(self.memory_name, memory.blocks[b]):
+                text = " ".join(lm.tokenizer.decode(self.store.read_block_ids(self.memory_name, memory.blocks[b])
+                                                    or [], skip_special_tokens=True).split())
+                row["excerpt"] = text[:160] + ("..." if len(text) > 160 else "")
+        out = sorted(merged.values(), key=lambda r: -r["score"])
+        for row in out:
+            row["score"] = round(row["score"], 3)
+        return out
 
     # -- status ------------------------------------------------------------------------
 

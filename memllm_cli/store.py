@@ -319,7 +319,8 @@ class Store:
                 elif kind == "blocks":
                     try:
                         with safe_open(path, framework="pt") as f:
-                            good_blocks[digest] = f.get_slice(next(iter(f.keys()))).get_shape()[0]
+                            rows = next(k for k in ("keys", "rows", *f.keys()) if k in f.keys())  # not "ids"
+                            good_blocks[digest] = f.get_slice(rows).get_shape()[0]
                     except (OSError, SafetensorError) as err:
                         report.damaged.append(f"block {digest[:12]}: unreadable: {err}")
                 if progress:

@@ -99,7 +99,8 @@ class TrainedMemory(Ledger):
         self.state = engine.state()
         dropped = before + n - len(self.state["rows"][0]) if was_initialized else before
         if self.keep_blocks:
-            tensors = {"rows": torch.stack([d.cpu() for d in delta], dim=1)}  # (n, L, d)
+            tensors = {"rows": torch.stack([d.cpu() for d in delta], dim=1),  # (n, L, d)
+                       "ids": torch.tensor(ids, dtype=torch.int32)}  # (T,): the text, for excerpts
             if self.mplus:
                 tensors["keys"] = torch.stack([k[-n:].cpu() for k in self.state["row_keys"]], dim=1)  # (n, L, s)
             self.pending.append((tensors, {**self.block_meta(source, chunk, span, len(ids)), "rows": n}))

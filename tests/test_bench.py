@@ -57,8 +57,9 @@ class FakeSubject:
     def count(self, text):
         return len(text.split())
 
-    def new_memory(self, seed):
+    def new_memory(self, seed, *, archive=True):
         self.calls["new_memory"] += 1
+        self.calls["archived"] += archive
         return FakeMemory(self.pool_size, seed)
 
     def new_prompt_memory(self):
@@ -203,6 +204,7 @@ def test_integrity_measures_at_log_spaced_checkpoints_on_forks(data):
     assert first["retention"]["accuracy"] == 1.0 and last["retention"]["total"] == 6
     assert last["perplexity"] == pytest.approx(first["perplexity"]) and last["perplexity_ratio"] == 1.0
     assert last["held"] == 500 and first["held"] == 0  # the facts went to the forks, not the memory
+    assert subject.calls["archived"] == 0  # the stream keeps no long-term tier (RAM stays flat)
 
 
 def test_speed_fills_and_times_both_sides(data):

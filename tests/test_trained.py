@@ -313,3 +313,21 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch, main_
     lm = Memllm(model="YuWangX/memoryllm-tiny").model()
     assert lm.trained and lm.name == "YuWangX/memoryllm-tiny"
     assert lm.fingerprint == Memllm(model=str(main_dir)).model().fingerprint
+
+
+def test_mplus_cites_the_documents_its_retriever_chose(mplus_dir):
+    service = Memllm(model=str(mplus_dir), memory="cite")
+    service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(TEXTS * 2)])
+    answer = service.ask("What is the tool shed code?", max_new_tokens=2)
+    "".join(answer)
+    engine = service.model().engine
+    memory = service._load_memory("cite", states=False)
+    table = torch.tensor(memory.meta["block_sources"])
+    chosen = 0
+    for i, picked in enumerate(engine.retrieved):
+        block, _ = split_ids(torch.cat([engine.ltm_ids[i], engine.cached_ids[i]])[picked])
+        chosen += int((table[block] >= 0).sum())
+    cited = answer.info["sources"]
+    assert chosen > 0 and sum(c["rows"] for c in cited) == chosen
+    assert {c["source"] for c in cited} <= {f"d{i}" for i in range(10)}
+    assert all(c["excerpt"] for c in cited)
