@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,64 +32,136 @@ class Candidate:
     update: int
     source: int  # index into the memory's sources
     chunk: int
-    ids: list[int]
+    tokens: int
     load: Callable[[], dict]  # -> {"keys", "values"}: (T, L, Hkv, hd) token-major
+    read_ids: Callable[[], list[int]]
     score: float = 0.0
 
     @property
-    def tokens(self) -> int:
-        return len(self.ids)
+    def ids(self) -> list[int]:
+        return self.read_ids()
 
 
-def candidates(memory, store=None, name: str | None = None) -> list[Candidate]:
-    """Every block of the memory's live (not forgotten) documents that has its token ids:
-    the committed ones listed by the memory's version, then those not yet committed."""
-    live: dict[str, int] = {}
-    for i, source in enumerate(memory.sources):
-        if not source.get("forgotten"):
-            live[source["sha256"]] = i
-    out = []
+@dataclass
+class Index:
+    """The candidates of a memory and a BM25 index over their text."""
+
+    candidates: list[Candidate]
+    retriever: object | None  # bm25s.BM25; None when there is nothing to search
+
+
+def index(memory, store=None, name: str | None = None, tokenizer=None) -> Index:
+    """The stored memory's index (cached on disk per version, see `_stored`), or one built
+    in RAM from the memory's pending blocks (memories that are never stored)."""
     if store is not None:
-        for digest in memory.blocks:
-            if digest.startswith("@") or not store.has_block(name, digest):
-                continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
-            meta = store.block_meta(name, digest)
-            source = live.get(meta.get("source_sha256"))
-            if source is None:
-                continue
-            ids = store.read_block_ids(name, digest)
-            if ids is None:
-                continue  # written before blocks kept their token ids: reachable through the pool only
-            out.append(Candidate(digest, meta.get("update", 0), source, meta.get("chunk", 0), ids,
-                                 lambda d=digest: store.read_block_rows(name, d, None, ("keys", "values"))))
+        return _stored(memory, store, name, tokenizer)
+    found = []
     for k, (states, meta) in enumerate(memory.pending):
         source = meta.get("source_index")
         if source is None or memory.sources[source].get("forgotten") or "ids" not in states:
             continue
-        out.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
-                             states["ids"].tolist(), lambda s=states: s))
-    return out
+        found.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
+                               len(states["ids"]), lambda s=states: s, lambda s=states: s["ids"].tolist()))
+    return Index(found, _bm25([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
+
+
+def _stored(memory, store, name: str, tokenizer) -> Index:
+    """Every block of the memory's live documents listed by its version (blocks gc pruned
+    and blocks written before blocks kept their token ids are left out).
+
+    Building it reads every block's metadata and ids and indexes their text: O(what was
+    ingested). So it is cached under the memory's folder, keyed by the version and the number
+    of blocks on disk, and each ask after the first loads it (memory-mapped) instead."""
+    import json
+    import shutil
+    import tempfile
+
+    import bm25s
+
+    key = f"recall-{memory.head}-{len(store.blocks(name))}"
+    cache = store.path(name) / "cache"
+    folder = cache / key
+
+    def loader(digest: str):
+        return lambda: store.read_block_rows(name, digest, None, ("keys", "values"))
+
+    def ids_of(digest: str):
+        return lambda: store.read_block_ids(name, digest) or []
+
+    if (folder / "candidates.json").is_file():
+        try:
+            rows = json.loads((folder / "candidates.json").read_text())
+            retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if rows else None
+            return Index([Candidate(r["block"], r["update"], r["source"], r["chunk"], r["tokens"], loader(r["block"]),
+                                    ids_of(r["block"])) for r in rows], retriever)
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache is rebuilt
+    live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
+    found, texts = [], []
+    for digest in memory.blocks:
+        if digest.startswith("@") or not store.has_block(name, digest):
+            continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
+        meta = store.block_meta(name, digest)
+        source = live.get(meta.get("source_sha256"))
+        ids = store.read_block_ids(name, digest) if source is not None else None
+        if source is None or ids is None:
+            continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
+        found.append(Candidate(digest, meta.get("update", 0), source, meta.get("chunk", 0), len(ids),
+                               loader(digest), ids_of(digest)))
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    retriever = _bm25(texts)
+    cache.mkdir(mode=0o700, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".recall-", dir=cache))
+    try:
+        if retriever is not None:
+            retriever.save(str(tmp), show_progress=False)
+        rows = [{"block": c.block, "update": c.update, "source": c.source, "chunk": c.chunk, "tokens": c.tokens}
+                for c in found]
+        (tmp / "candidates.json").write_text(json.dumps(rows))
+        for file in tmp.iterdir():
+            file.chmod(0o600)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            pass  # another ask built it meanwhile
+        for old in cache.glob("recall-*"):
+            if old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Index(found, retriever)
+
+
+def _bm25(texts: list[str]):
+    if not texts:
+        return None
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    return retriever
 
 
 MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
 
 
-def select(found: list[Candidate], question: str, tokenizer, budget: int) -> list[Candidate]:
+def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     """The blocks BM25 ranks highest for the question, up to `budget` tokens, in the order
     they were written. A block larger than what is left of the budget is skipped, not cut;
-    blocks sharing no term with the question are not read, unless none does: then the most
-    recent blocks are (the pool's own bias)."""
+    blocks scoring under MIN_RELATIVE_SCORE of the best are not read; if no block shares a
+    term with the question, the most recent blocks are (the pool's own bias)."""
+    found = idx.candidates
     if not found:
         return []
     import bm25s
 
-    texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
-    order, scores = retriever.retrieve(query, k=len(found), show_progress=False)
-    for i, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
-        found[i].score = float(score)
+    for c in found:
+        c.score = 0.0
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
+    if query and query[0]:
+        order, scores = idx.retriever.retrieve(query, k=len(found), show_progress=False)
+        for i, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
+            found[i].score = float(score)
     best = max(c.score for c in found)
     ranked = [c for c in sorted(found, key=lambda c: -c.score) if c.score > 0 and c.score >= MIN_RELATIVE_SCORE * best]
     if not ranked:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,8 @@ class Memllm:
                 progress.finish()
             if memory.updates:
                 self._commit(name, memory, "ingest", _ingest_message(memory))
+                if not lm.trained:  # build the recall index now, so the next ask finds it ready
+                    recall.index(memory, self.store, name, lm.tokenizer)
         report.tokens_held = len(memory)
         report.seconds = time.perf_counter() - started
         return report
@@ -313,10 +316,10 @@ class Memllm:
                           started)
         context = None
         if budget:
-            stored = memory.head is not None and self.store.exists(self.memory_name)
-            found = recall.candidates(memory, self.store if stored else None, self.memory_name)
-            if found:
-                selected = recall.select(found, question, lm.tokenizer, budget)
+            stored = memory.head is not None and self.store.exists(self.memory_name) and not memory.pending
+            idx = recall.index(memory, self.store if stored else None, self.memory_name, lm.tokenizer)
+            if idx.candidates:
+                selected = recall.select(idx, question, budget)
                 dtype = DTYPES[memory.dtype]
                 context = self.sink() + (recall.read(selected, dtype) if selected else Pool.empty(
                     lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, dtype))
@@ -627,6 +630,7 @@ class Memllm:
             store.set_tag(name, tag, mapping.get(version, version))
         if head:
             store.set_head(name, mapping.get(head, head))
+        shutil.rmtree(store.path(name) / "cache", ignore_errors=True)  # the recall index holds their text
         stale = [v for v in versions if mapping.get(v, v) != v]
         store.delete_objects(name, "versions", stale)
         freed = sum((store.path(name) / "blocks" / f"{b}.safetensors").stat().st_size for b in purged_blocks)

@@ -119,9 +119,9 @@ def test_an_in_ram_memory_reads_its_pending_blocks(tiny_dir):
     memory = service.scratch_memory(keep_blocks=True, seed=0)
     for name, text in TOPICS * 2:
         service.write_text(memory, text, name)
-    found = recall.candidates(memory)
-    assert len(found) == 8 and all(c.block.startswith("pending-") for c in found)
-    selected = recall.select(found, "Who is the garden coordinator?", service.model().tokenizer, 600)
+    idx = recall.index(memory, tokenizer=service.model().tokenizer)
+    assert len(idx.candidates) == 8 and all(c.block.startswith("pending-") for c in idx.candidates)
+    selected = recall.select(idx, "Who is the garden coordinator?", 600)
     assert selected and {memory.sources[c.source]["name"] for c in selected} == {"garden"}
     pool = recall.read(selected, torch.float16)
     assert pool.keys.shape[2] == sum(c.tokens for c in selected)
@@ -158,7 +158,27 @@ def test_gc_bounds_the_long_term_tier(tiny_dir):
     "".join(answer)
     present = set(service.store.blocks("lt"))
     assert len(present) == 40 - result["blocks_deleted"]
-    found = recall.candidates(service._load_memory("lt", states=False), service.store, "lt")
-    assert {c.block for c in found} <= present
+    idx = recall.index(service._load_memory("lt", states=False), service.store, "lt", service.model().tokenizer)
+    assert {c.block for c in idx.candidates} <= present
     assert {c["source"] for c in answer.info["sources"]} <= {s["name"] for s in after["sources"]}
     assert service.gc(keep_long_term=0)["long_term_blocks_deleted"] == 0  # nothing more to prune
+
+
+def test_the_index_is_cached_per_version_and_purged_with_the_document(tiny_dir, monkeypatch):
+    service = filled(tiny_dir, repeats=1)
+    "".join(service.ask("What is the tool shed code?", max_new_tokens=1))
+    cache = service.store.path("lt") / "cache"
+    (first,) = list(cache.glob("recall-*"))
+    calls = []
+    monkeypatch.setattr(service.store, "read_block_ids", lambda *a: calls.append(a) or [])
+    answer = service.ask("Who is the garden coordinator?", max_new_tokens=1)
+    "".join(answer)
+    assert len(calls) == len(answer.info["sources"]) >= 1  # a cache hit reads the ids of the cited blocks only
+    monkeypatch.undo()
+    assert list(cache.glob("recall-*")) == [first]
+    service.forget(["shed-0"], purge=True)
+    assert not list(cache.glob("recall-*"))  # no byte of a purged document stays on disk
+    answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
+    "".join(answer)
+    assert "shed-0" not in {c["source"] for c in answer.info["sources"]}
+    assert service.export(service.store.path("lt").parent / "lt.tar")["files"] > 0
