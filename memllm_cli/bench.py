@@ -182,8 +182,9 @@ def retention(subject: Subject, data: Data, *, questions: int, seed: int, ks: Se
                 if "pool" in methods:
                     answers["pool"] = subject.ask(memory, item.question, whole_pool=True)
                 later = _after(subject.updates(memory), "gold")
-                size = statistics.mean(u["tokens"] for u in later) if later else 0.0
-                survival[k]["paper"].append(max(0.0, 1 - size / subject.pool_size) ** len(later))
+                full = [u for u in later if u["dropped"]]  # updates that found the pool full
+                size = statistics.mean(u["tokens"] for u in full) if full else 0.0
+                survival[k]["paper"].append(max(0.0, 1 - size / subject.pool_size) ** len(full))
                 survival[k]["expected"].append(math.prod(1 - u["dropped"] / u["before"] for u in later if u["before"]))
                 survival[k]["measured"].append(subject.held(memory).get("gold", 0.0))
             if "prompt" in methods:
@@ -631,14 +632,17 @@ def plot(result: dict, path: Path) -> bool:
     ks = result["settings"]["ks"]
     x = list(range(len(ks)))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for method, series in result["results"].items():
+    markers = "osD^v<>"
+    for n, (method, series) in enumerate(result["results"].items()):
         acc = [series[str(k)]["accuracy"] for k in ks]
         err = [series[str(k)]["stderr"] for k in ks]
-        ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, label=method)
+        shift = (n - (len(result["results"]) - 1) / 2) * 0.06  # side by side where curves coincide
+        ax.errorbar([i + shift for i in x], acc, yerr=err, marker=markers[n % len(markers)], capsize=3,
+                    label=method)
     paper = [result["survival"][str(k)]["paper"] for k in ks]
     measured = [result["survival"][str(k)]["measured"] for k in ks]
     if any(v is not None for v in paper):
-        ax.plot(x, paper, linestyle="--", color="gray", label="survival (1-K/N)^t")
+        ax.plot(x, paper, linestyle="--", color="gray", label="survival (1-K/N)^t, t = updates on a full pool")
         ax.plot(x, measured, linestyle=":", color="black", label="gold tokens still held")
     ax.set_xticks(x, [str(k) for k in ks])
     ax.set_xlabel("unrelated passages written after the gold passage (k)")

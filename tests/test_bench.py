@@ -152,6 +152,7 @@ def test_retention_measures_what_the_memory_still_holds(data):
     survival = result["survival"]
     assert survival["0"] == {"paper": 1.0, "expected": 1.0, "measured": 1.0}
     assert survival["50"]["measured"] < 0.5 and abs(survival["50"]["expected"] - survival["50"]["measured"]) < 0.15
+    assert abs(survival["50"]["paper"] - survival["50"]["expected"]) < 0.1  # t counts updates on a full pool
     # standard errors are the binomial ones
     r = result["results"]["memllm"]["50"]
     assert r["stderr"] == pytest.approx((r["accuracy"] * (1 - r["accuracy"]) / 12) ** 0.5, abs=1e-4)
