@@ -291,6 +291,7 @@ def speed(subject: Subject, data: Data, *, questions: int, seed: int, fills: Seq
     texts = pack([i.passage for i in items], subject)
     asked = [i.question for i in items[:questions + 1]]
     progress.start(len(fills) * 2 + 1, "speed")
+    started = time.perf_counter()
     plain = []
     for text in texts[:3] + texts[:3]:  # the first three warm up
         t0 = time.perf_counter()
@@ -337,6 +338,7 @@ def speed(subject: Subject, data: Data, *, questions: int, seed: int, fills: Seq
         "runs": runs,
         "peak_rss_bytes": peak_rss(),
         "disk_bytes_per_token": subject.disk_bytes_per_token(memory),
+        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
