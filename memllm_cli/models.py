@@ -156,15 +156,16 @@ def trained_checkpoint(source: Path | str) -> Path | None:
         except (OSError, json.JSONDecodeError):
             return None
         return source if is_trained_config(config) else None
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
 
+    try:
         config = json.loads(Path(hf_hub_download(source, "config.json")).read_text())
         if not is_trained_config(config):
             return None
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated repo: transformers says it best
-        log.debug("not a trained checkpoint on the hub (%s): %s", source, err)
+    except (OSError, ValueError, EntryNotFoundError) as err:  # offline, unknown or gated repo, bad id:
+        log.debug("not a trained checkpoint on the hub (%s): %s", source, err)  # transformers says it best
         return None
 
 
