@@ -107,6 +107,7 @@ class Memory(Ledger):
     updates: list[dict] = field(default_factory=list)  # updates since the last commit
     dropped: int = 0  # tokens dropped since the last commit
     keep_blocks: bool = True  # False for memories that are never stored (evaluation): no pending copies
+    has_states: bool = True  # False when loaded as an index only (status, diff, forget, reading within a budget)
 
     @classmethod
     def empty(cls, engine: MemoryModel, *, pool_size: int, write_context: int, dtype: str, seed=None) -> Memory:
@@ -183,13 +184,14 @@ class Memory(Ledger):
         """A memory from a stored version; `states` holds its keys and values (None: index only)."""
         try:
             tags = {name: tensors[name].to(torch.int64) for name in ("block", "row", "source", "chunk")}
+            loaded = states is not None
             if states is None:
                 empty = torch.empty(0, 0, len(tags["block"]), 0)
                 states = Pool(empty, empty)
             pool = Pool(states.keys, states.values, tags)
             return cls(
                 meta["pool_size"], meta["write_context"], meta["dtype"], pool, meta["sources"], meta["blocks"],
-                meta["seed"], meta["update_count"], version,
+                meta["seed"], meta["update_count"], version, has_states=loaded,
             )
         except (KeyError, ValueError, TypeError) as err:
             raise StoreError(f"version {version[:12]} is damaged: {err}") from None

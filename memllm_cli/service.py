@@ -326,7 +326,7 @@ class Memllm:
                 info["read_tokens"] = sum(c.tokens for c in selected)
                 info["sources"] = _cited(memory, selected, lm.tokenizer)
         if context is None:
-            if len(memory.pool.keys.shape) < 4 or memory.pool.keys.shape[-1] == 0:  # loaded without states
+            if not memory.has_states:  # loaded as an index, and nothing to read within a budget
                 memory = self._load_memory(self.memory_name)
             context = memory.context(self.sink())
             info["read_tokens"] = len(memory)
