@@ -110,7 +110,7 @@ def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_mod
     assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
     before = json.loads(memllm("status", "--json").stdout)
     big = tmp_path / "big.txt"
-    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(3000)))
+    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))  # far more than 1 s of work
     proc = subprocess.Popen(
         [sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
