@@ -39,7 +39,8 @@ def speed(r: dict) -> str:
 
     for run in r["runs"]:
         lines.append(
-            f"| {pct(run['fill'])} | {run['held']} | {run['ingest_tokens_per_s']:.0f} ({run['ingest_over_plain']:.2f}) | "
+            f"| {pct(run['fill'])} | {run['held']} | "
+            f"{run['ingest_tokens_per_s']:.0f} ({run['ingest_over_plain']:.2f}) | "
             f"{cell(run['memllm'], 'first_token_s', 2)} s | {cell(run['memllm'], 'decode_tokens_per_s', 1)} | "
             f"{run['prompt_tokens']} | {cell(run['prompt'], 'first_token_s', 2)} s | "
             f"{cell(run['prompt'], 'decode_tokens_per_s', 1)} |")
@@ -54,8 +55,10 @@ def integrity(r: dict) -> str:
         p = x["pool"]
         lines.append(
             f"| {x['updates']} | {x['held']} | {pct(a['accuracy'])} ± {pct(a['stderr'])} | "
-            f"{'yes' if x['retention_within_noise'] else 'no'} | {x['perplexity']:.2f} ({x['perplexity_ratio']:.3f}) | "
-            f"{p['max_norm']:.1f} ({x['max_norm_ratio']:.3f}) | {p['mean_norm']['min']:.2f}-{p['mean_norm']['max']:.2f} |")
+            f"{'yes' if x['retention_within_noise'] else 'no'} | "
+            f"{x['perplexity']:.2f} ({x['perplexity_ratio']:.3f}) | "
+            f"{p['max_norm']:.1f} ({x['max_norm_ratio']:.3f}) | "
+            f"{p['mean_norm']['min']:.2f}-{p['mean_norm']['max']:.2f} |")
     return "\n".join(lines)
 
 
