@@ -4,7 +4,7 @@ Run by tests/test_crash.py in a fresh process:  python tests/crash_driver.py HOM
 Each round forks a child that loops over random ingests, snapshots, rollbacks, forgets and
 gcs on one memory, and kills it after a random delay. After every kill: `verify` must pass,
 and HEAD must be the last version the child saw committed (or one it committed but had not
-yet reported). At the end, re-running the ingest of every document must complete the work.
+yet reported, which then counts as seen). At the end, re-running the ingest of every document must complete the work.
 Prints one JSON object.
 """
 
@@ -93,6 +93,9 @@ for k in range(kills):
     landed += seen != before
     if head != seen and (head is None or service.store.version_meta("default", head).get("parent") != seen):
         failures.append({"kill": k, "head": head, "last_seen": seen})
+    elif head != seen:  # a commit the child made but did not live to report: the next round starts from it
+        with open(SEEN, "a") as f:
+            f.write(f"{head}\n")
 
 service = Memllm(model=model)
 service.ingest_documents(DOCS)

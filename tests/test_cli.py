@@ -111,8 +111,9 @@ def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_mod
     before = json.loads(memllm("status", "--json").stdout)
     big = tmp_path / "big.txt"
     big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))  # far more than 1 s of work
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    proc = subprocess.Popen(  # SIGINT as at a terminal, even where this test runs with it ignored (a background job)
+        [sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
     deadline = time.monotonic() + 120
