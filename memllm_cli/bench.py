@@ -248,18 +248,15 @@ def _cut_left(chunks: list[str], subject: Subject) -> list[str]:
 def bm25_top(chunks: list[str], question: str, subject: Subject, budget: int) -> list[str]:
     """The chunks BM25 ranks highest for the question, best first, up to `budget` tokens,
     placed in their original order (as a retrieval-augmented prompt would)."""
-    import bm25s
+    from .recall import bm25_index, bm25_scores
 
-    tokens = bm25s.tokenize(chunks, stopwords="en", show_progress=False)
-    retriever = bm25s.BM25()
-    retriever.index(tokens, show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
-    order, _ = retriever.retrieve(query, k=len(chunks), show_progress=False)
+    scores = bm25_scores(bm25_index(chunks), question, len(chunks))
+    order = sorted(range(len(chunks)), key=lambda i: -scores[i])
     picked, size = [], 0
-    for i in order[0].tolist():
+    for i in order:
         n = subject.count(chunks[i])
         if size + n > budget:
-            if not picked:  # the best chunk alone is over the budget: keep its start
+            if not picked:  # the best chunk alone is over the budget: try the next one
                 continue
             break
         picked.append(i)
@@ -486,9 +483,12 @@ class ServiceSubject:
         self.service.write_text(memory, text, name)
         return memory.update_count - before
 
-    def _answer(self, answer) -> tuple[float, int, float]:
-        text = "".join(answer)
-        return answer.first_token_seconds or answer.seconds, len(answer.ids), answer.seconds, text
+    @staticmethod
+    def _timed(answer) -> tuple[float, int, float]:
+        """(first token seconds, tokens, total seconds) of an answer, generated to the end."""
+        for _ in answer:
+            pass
+        return answer.first_token_seconds or answer.seconds, len(answer.ids), answer.seconds
 
     def ask(self, memory, question: str, *, whole_pool: bool = False) -> str:
         budget = 0 if whole_pool else self.budget
@@ -496,7 +496,7 @@ class ServiceSubject:
 
     def ask_timed(self, memory, question: str) -> tuple[float, int, float]:
         answer = self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens, budget=self.budget)
-        return self._answer(answer)[:3]
+        return self._timed(answer)
 
     def ask_text(self, texts: list[str], question: str) -> str:
         if self.trained:
@@ -504,7 +504,7 @@ class ServiceSubject:
         return "".join(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))
 
     def ask_text_timed(self, texts: list[str], question: str) -> tuple[float, int, float]:
-        return self._answer(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))[:3]
+        return self._timed(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))
 
     def held(self, memory) -> dict[str, float]:
         held = memory.held_per_source()

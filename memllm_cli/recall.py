@@ -62,7 +62,7 @@ def index(memory, store=None, name: str | None = None, tokenizer=None) -> Index:
             continue
         found.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
                                len(states["ids"]), lambda s=states: s, lambda s=states: s["ids"].tolist()))
-    return Index(found, _bm25([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
+    return Index(found, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
 
 
 def _stored(memory, store, name: str, tokenizer) -> Index:
@@ -109,7 +109,7 @@ def _stored(memory, store, name: str, tokenizer) -> Index:
         found.append(Candidate(digest, meta.get("update", 0), source, meta.get("chunk", 0), len(ids),
                                loader(digest), ids_of(digest)))
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    retriever = _bm25(texts)
+    retriever = bm25_index(texts)
     cache.mkdir(mode=0o700, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".recall-", dir=cache))
     try:
@@ -132,14 +132,35 @@ def _stored(memory, store, name: str, tokenizer) -> Index:
     return Index(found, retriever)
 
 
-def _bm25(texts: list[str]):
+def bm25_index(texts: list[str]):
+    """A BM25 index (bm25s) over texts; None when there is nothing to index (no texts, or
+    no word in them that is not a stop word)."""
     if not texts:
         return None
     import bm25s
 
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    try:
+        retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    except ValueError:  # an empty vocabulary
+        return None
     return retriever
+
+
+def bm25_scores(retriever, question: str, count: int) -> list[float]:
+    """The BM25 score of each of the `count` indexed texts for the question (0 for all when
+    the question has no searchable word or there is no index)."""
+    scores = [0.0] * count
+    if retriever is None:
+        return scores
+    import bm25s
+
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
+    if query and query[0]:
+        order, values = retriever.retrieve(query, k=count, show_progress=False)
+        for i, score in zip(order[0].tolist(), values[0].tolist(), strict=True):
+            scores[i] = float(score)
+    return scores
 
 
 MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
@@ -153,15 +174,8 @@ def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     found = idx.candidates
     if not found:
         return []
-    import bm25s
-
-    for c in found:
-        c.score = 0.0
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
-    if query and query[0]:
-        order, scores = idx.retriever.retrieve(query, k=len(found), show_progress=False)
-        for i, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
-            found[i].score = float(score)
+    for c, score in zip(found, bm25_scores(idx.retriever, question, len(found)), strict=True):
+        c.score = score
     best = max(c.score for c in found)
     ranked = [c for c in sorted(found, key=lambda c: -c.score) if c.score > 0 and c.score >= MIN_RELATIVE_SCORE * best]
     if not ranked:

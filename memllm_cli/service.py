@@ -366,9 +366,7 @@ class Memllm:
             row["score"] += n / total
             row["rows"] += n
             if not row["excerpt"] and stored and self.store.has_block(self.memory_name, memory.blocks[b]):
-                text = " ".join(lm.tokenizer.decode(self.store.read_block_ids(self.memory_name, memory.blocks[b])
-                                                    or [], skip_special_tokens=True).split())
-                row["excerpt"] = text[:160] + ("..." if len(text) > 160 else "")
+                row["excerpt"] = _excerpt(lm.tokenizer, self.store.read_block_ids(self.memory_name, memory.blocks[b]))
         out = sorted(merged.values(), key=lambda r: -r["score"])
         for row in out:
             row["score"] = round(row["score"], 3)
@@ -856,10 +854,15 @@ def _cited(memory, selected: list, tokenizer) -> list[dict]:
     """The documents an answer read, best retrieval score first, with a short excerpt."""
     out = []
     for c in sorted(selected, key=lambda c: -c.score):
-        text = " ".join(tokenizer.decode(c.ids, skip_special_tokens=True).split())
         out.append({"source": memory.sources[c.source]["name"], "chunk": c.chunk, "score": round(c.score, 3),
-                    "tokens": c.tokens, "excerpt": text[:160] + ("..." if len(text) > 160 else "")})
+                    "tokens": c.tokens, "excerpt": _excerpt(tokenizer, c.ids)})
     return out
+
+
+def _excerpt(tokenizer, ids: list[int] | None, length: int = 160) -> str:
+    """The start of a block's text, on one line."""
+    text = " ".join(tokenizer.decode(ids or [], skip_special_tokens=True).split())
+    return text[:length] + ("..." if len(text) > length else "")
 
 
 def _per_update(sources: list[dict]) -> float:
