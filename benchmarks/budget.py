@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from memllm_cli.qa import is_correct, load_items
+from memllm_cli.bench.qa import is_correct, load_items
 from memllm_cli.service import Memllm
-from memllm_cli.sources import Document
+from memllm_cli.text.sources import Document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from memllm_cli import prompts
-from memllm_cli.engine import Pool
-from memllm_cli.qa import Score, load_items
+from memllm_cli.bench.qa import Score, load_items
+from memllm_cli.memory import free
+from memllm_cli.model.pool import Pool
 from memllm_cli.service import Memllm
+from memllm_cli.text import prompts
 
 DEV_ROWS = 2000
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
@@ -81,13 +82,13 @@ def main() -> None:
 
         def answer(group):
             lm = service.model()
-            service._sink = None
+            lm.cache.pop("sink", None)  # the pinned prefix, encoded again on first use
             if variant == "nosink":
-                service._sink = Pool.empty(lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, torch.float32)
+                lm.cache["sink"] = Pool.empty(lm.engine.layers, lm.engine.kv_heads, lm.engine.head_dim, torch.float32)
             memory = service.scratch_memory(write_context=write_context, seed=0)
             original = lm.engine.encode
             if variant == "truepos":
-                sink = len(service.sink())
+                sink = len(free.sink(lm))
                 lm.engine.encode = lambda ids, context=None, start=None: original(
                     ids, context, start=sink + len(memory)
                 )
@@ -98,7 +99,7 @@ def main() -> None:
                 lm.engine.encode = original
             for item in group:
                 yield item, "".join(service.ask_in(memory, item.question, max_new_tokens=args.max_new_tokens))
-            service._sink = None
+            lm.cache.pop("sink", None)
 
         return answer
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from memllm_cli.chunking import chunk_document
-from memllm_cli.qa import load_items
+from memllm_cli.bench.qa import load_items
 from memllm_cli.service import CHUNK_TOKENS, Memllm
-from memllm_cli.store import Store
+from memllm_cli.text.chunking import chunk_document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
 QUESTION = "Who received the first Nobel Prize in Physics?"
@@ -62,14 +60,13 @@ def main() -> None:
         write_context = None if wc == "all" else int(wc)
         memory = service.scratch_memory(pool_size=pool_size, write_context=write_context, seed=0)
         source = memory.add_source("bench", "")
-        sink = service.sink()
         chunk_iter = iter(chunks)
         written, seconds = 0, 0.0
         for fill in sorted(args.fills):
             while len(memory) < fill:
                 ids = next(chunk_iter)
                 t0 = time.perf_counter()
-                memory.write(lm.engine, sink, ids, source=source, chunk=0)
+                memory.write(ids, source=source, chunk=0)
                 seconds += time.perf_counter() - t0
                 written += len(ids)
             ttft, decode = [], []
@@ -86,24 +83,12 @@ def main() -> None:
                 "ingest_ratio_to_plain": round((written / seconds) / plain_rate, 3),
                 "ttft_s": round(statistics.median(ttft), 3), "ttft_spread_s": round(max(ttft) - min(ttft), 3),
                 "decode_tokens_per_s": round(statistics.median(decode), 1),
-                "disk_bytes_per_token": _disk_bytes_per_token(memory),
+                "disk_bytes_per_token": service.disk_bytes_per_token(memory),
             }
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-
-
-def _disk_bytes_per_token(memory) -> float:
-    """Bytes on disk per pool token if the pool were committed as one block and one version."""
-    with tempfile.TemporaryDirectory() as home:
-        store = Store(Path(home))
-        store.create("m", {})
-        pool = memory.pool
-        store.write_block("m", {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)}, {})
-        tensors = {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
-        store.write_version("m", tensors, {"parent": None})
-        return round(store.disk_bytes("m") / len(memory), 1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from memllm_cli.qa import is_correct
+from memllm_cli.bench.qa import is_correct
 from memllm_cli.service import Memllm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v2_dev_5articles_retention_eval.json"

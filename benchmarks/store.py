@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from memllm_cli.qa import load_items
+from memllm_cli.bench.qa import load_items
 from memllm_cli.service import Memllm
-from memllm_cli.sources import Document
+from memllm_cli.text.sources import Document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
 
@@ -50,16 +50,16 @@ def main() -> None:
         name = "bench"
         it = iter(docs)
         for fill in args.fills:
-            while service.store.head(name) is None or service.status()["tokens"] < fill:
+            while service.store.open(name).head() is None or service.status()["tokens"] < fill:
                 service.ingest_documents([next(it) for _ in range(4)])
-            before = service.store.disk_bytes(name)
+            before = service.store.open(name).disk_bytes()
             report = service.ingest_documents([next(it) for _ in range(4)])
             service.snapshot_create(f"at-{fill}")
-            added = service.store.disk_bytes(name) - before
+            added = service.store.open(name).disk_bytes() - before
             token_bytes = report.tokens * 30 * 2 * 3 * 64 * 2  # fp16 keys + values, 30 layers, 3 KV heads of 64
             snap = timed(lambda n=iter(range(100)), f=fill: service.snapshot_create(f"t{f}-{next(n)}"))
             roll = timed(lambda: service.rollback("HEAD~1"))
-            load = timed(lambda: service._load_memory(name))
+            load = timed(lambda: service.load(states=True))
             row = {"fill": service.status()["tokens"], "ingest_tokens": report.tokens, "disk_added": added,
                    "token_bytes": token_bytes, "overhead": round(added / token_bytes - 1, 5),
                    "snapshot_ms": round(snap * 1000, 1), "rollback_ms": round(roll * 1000, 1),

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memllm_cli.official import Config, MPlus, OfficialMemoryLLM  # noqa: E402
+from memllm_cli.model.official import Config, MPlus, OfficialMemoryLLM  # noqa: E402
 from memllm_cli.random_checkpoints import MEMORYLLM_8B, trained_config, trained_tensors  # noqa: E402
 
 CONFIGS = {"tiny": {}, "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,

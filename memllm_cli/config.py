@@ -3,14 +3,22 @@
     MEMLLM_HOME      where memories live (default: platformdirs' user data dir)
     MEMLLM_MEMORY    the memory to use (default: "default")
     MEMLLM_MODEL     the model to use (default: the memory's own model, else the embedded one)
+    MEMLLM_DEVICE    cpu, cuda, cuda:N or auto
+    MEMLLM_DTYPE     float32, bfloat16 or float16
     MEMLLM_CONFIG    the config file (default: <user config dir>/config.toml)
     MEMLLM_CACHE     converted models (default: platformdirs' user cache dir)
+
+The config file's keys are the fields of `Settings` (but home and cache_dir); each value is
+checked against its field's type when the file is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +28,6 @@ from .errors import ConfigError
 
 APP = "memllm"
 DEFAULT_MEMORY = "default"
-_KEYS = {"model", "memory", "device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions",
-         "read_budget", "gc_keep_long_term"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,13 @@ class Settings:
     gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
 
 
+ENVIRONMENT = {"memory": "MEMLLM_MEMORY", "model": "MEMLLM_MODEL", "device": "MEMLLM_DEVICE", "dtype": "MEMLLM_DTYPE"}
+_TYPES = typing.get_type_hints(Settings)
+KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("home", "cache_dir"))
+_NON_NEGATIVE = {"lock_timeout", "write_context", "read_budget", "gc_keep_long_term"}
+_POSITIVE = {"pool_size", "gc_keep_versions"}
+
+
 def config_path() -> Path:
     env = os.environ.get("MEMLLM_CONFIG")
     return Path(env).expanduser() if env else Path(platformdirs.user_config_dir(APP)) / "config.toml"
@@ -49,34 +62,45 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
     file = _read_config(config_path())
     home = os.environ.get("MEMLLM_HOME")
     cache = os.environ.get("MEMLLM_CACHE")
-    values = {
+    values: dict = {
         "home": Path(home).expanduser() if home else Path(platformdirs.user_data_dir(APP)),
         "cache_dir": Path(cache).expanduser() if cache else Path(platformdirs.user_cache_dir(APP)),
-        "memory": memory or os.environ.get("MEMLLM_MEMORY") or file.get("memory") or DEFAULT_MEMORY,
-        "model": model or os.environ.get("MEMLLM_MODEL") or file.get("model"),
+        "memory": DEFAULT_MEMORY,
+        "model": None,
     }
-    for key in ("device", "dtype", "lock_timeout", "pool_size", "write_context", "gc_keep_versions", "read_budget",
-                "gc_keep_long_term"):
-        if key in file:
-            values[key] = file[key]
-    for key in ("device", "dtype"):
-        if os.environ.get(f"MEMLLM_{key.upper()}"):
-            values[key] = os.environ[f"MEMLLM_{key.upper()}"]
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(file)
+    values.update({key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)})
+    values.update({k: v for k, v in {"memory": memory, "model": model, **overrides}.items() if v is not None})
     return Settings(**values)
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory", hint="point MEMLLM_CONFIG at a TOML file")
+    if not path.exists():
         return {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from None
-    unknown = set(data) - _KEYS
+    unknown = set(data) - set(KEYS)
     if unknown:
         raise ConfigError(
             f"unknown key(s) in {path}: {', '.join(sorted(unknown))}",
-            hint=f"known keys: {', '.join(sorted(_KEYS))}",
+            hint=f"known keys: {', '.join(sorted(KEYS))}",
         )
-    return data
+    return {key: _checked(path, key, value) for key, value in data.items()}
+
+
+def _checked(path: Path, key: str, value):
+    """The value, if it has the type of the setting (an int for a float setting is fine)."""
+    allowed = typing.get_args(_TYPES[key]) if isinstance(_TYPES[key], types.UnionType) else (_TYPES[key],)
+    allowed = tuple(t for t in allowed if t is not type(None))
+    ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed) or (
+        float in allowed and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        wanted = " or ".join({int: "an integer", float: "a number", str: "a string"}[t] for t in allowed)
+        raise ConfigError(f"{path}: {key} must be {wanted}, not {value!r}")
+    if key in _POSITIVE and value < 1 or key in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{path}: {key} must be {'>= 1' if key in _POSITIVE else '>= 0'}, not {value!r}")
+    return float(value) if float in allowed and not isinstance(value, str) else value

@@ -14,8 +14,14 @@ class MemllmError(Exception):
         self.hint = hint
 
 
+class UsageError(MemllmError):
+    """A value given on the command line (or through the API) is out of range."""
+
+    exit_code = 2
+
+
 class ConfigError(MemllmError):
-    """The config file cannot be read or has unknown keys."""
+    """The config file cannot be read, has unknown keys, or a value of the wrong type."""
 
     exit_code = 2
 

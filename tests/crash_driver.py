@@ -23,7 +23,7 @@ torch.set_num_threads(1)  # fork-safe: the parent never starts an OpenMP pool
 
 from memllm_cli.errors import MemllmError  # noqa: E402
 from memllm_cli.service import Memllm  # noqa: E402
-from memllm_cli.sources import Document  # noqa: E402
+from memllm_cli.text.sources import Document  # noqa: E402
 
 home, model, kills, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 os.environ["MEMLLM_HOME"] = home
@@ -58,7 +58,7 @@ def child(round_seed: int) -> None:
                 service.gc()
         except MemllmError:
             pass  # e.g. HEAD~1 before the second version
-        head = service.store.head("default") if service.store.exists("default") else None
+        head = service.repo.head() if service.repo.exists() else None
         with open(SEEN, "a") as f:
             f.write(f"{head}\n")
             f.flush()
@@ -83,15 +83,15 @@ for k in range(kills):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     service = Memllm(model=model)
-    if not service.store.exists("default"):
+    if not service.repo.exists():
         continue
-    report = service.store.verify("default")
+    report = service.repo.verify()
     if not report.ok:
         failures.append({"kill": k, "damaged": report.damaged})
         break
-    head, seen = service.store.head("default"), last_seen()
+    head, seen = service.repo.head(), last_seen()
     landed += seen != before
-    if head != seen and (head is None or service.store.version_meta("default", head).get("parent") != seen):
+    if head != seen and (head is None or service.repo.version_meta(head).get("parent") != seen):
         failures.append({"kill": k, "head": head, "last_seen": seen})
     elif head != seen:  # a commit the child made but did not live to report: the next round starts from it
         with open(SEEN, "a") as f:
@@ -103,5 +103,5 @@ live = {s["sha256"] for s in service.status()["sources"]}
 missing = [d.name for d in DOCS if d.sha256 not in live]
 print(json.dumps({
     "kills": kills, "kills_after_progress": landed, "failures": failures, "missing_after_rerun": missing,
-    "verify_after_rerun": service.verify()["ok"], "versions": len(service.store.versions("default")),
+    "verify_after_rerun": service.verify()["ok"], "versions": len(service.repo.versions()),
 }))

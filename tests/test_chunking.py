@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from memllm_cli.chunking import SEPARATOR, chunk_document
+from memllm_cli.text.chunking import SEPARATOR, chunk_document
 
 
 @pytest.fixture(scope="module")

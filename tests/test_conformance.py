@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from memllm_cli.errors import ModelError
-from memllm_cli.official import MPlus, OfficialMemoryLLM
+from memllm_cli.model.official import MPlus, OfficialMemoryLLM
 
 ROOT = Path(os.environ.get("MEMLLM_CONFORMANCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "conformance"))
 SUPPORTED = ("memoryllm", "memoryllm-7b")
@@ -147,7 +147,7 @@ def test_mplus_fixture_case(folder, device):
 @pytest.mark.skipif(not CASES, reason=f"no conformance fixtures under {ROOT}")
 def test_loading_checks_memory_and_files_first(tmp_path, monkeypatch):
     folder = CASES[0]
-    monkeypatch.setattr("memllm_cli.official.available_bytes", lambda: 10_000)
+    monkeypatch.setattr("memllm_cli.model.official.available_bytes", lambda: 10_000)
     with pytest.raises(ModelError, match="needs about .* GiB in float32, but only"):
         OfficialMemoryLLM.load(folder)
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memllm_cli.qa import Score, load_items
+from memllm_cli.bench.qa import Score, load_items
 from memllm_cli.service import Memllm
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_sixteen_passages_in_one_memory_are_read_within_the_budget():
     on these rows on the development machine)."""
     import hashlib
 
-    from memllm_cli.sources import Document
+    from memllm_cli.text.sources import Document
 
     items = load_items(DATA, range(0, 16))  # development rows only
     service = Memllm(memory="sixteen")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from memllm_cli.engine import MemoryModel, Pool, drop_uniform
 from memllm_cli.errors import ModelError
+from memllm_cli.model.engine import MemoryModel
+from memllm_cli.model.pool import Pool, drop_uniform
 
 from .conftest import tiny_model
 

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from memllm_cli import recall
+from memllm_cli.memory import recall
+from memllm_cli.memory.base import forecast
 from memllm_cli.service import Memllm
 from tests.test_service import doc
 
@@ -28,8 +29,8 @@ def filled(tiny_dir, pool_size=512, repeats=3):
 def test_blocks_keep_the_token_ids_they_were_written_from(tiny_dir):
     service = Memllm(model=str(tiny_dir), memory="ids")
     service.ingest_documents([doc("shed", TOPICS[0][1])])
-    (block,) = service.store.blocks("ids")
-    ids = service.store.read_block_ids("ids", block)
+    (block,) = service.store.open("ids").blocks()
+    ids = service.store.open("ids").read_block_ids(block)
     lm = service.model()
     assert lm.tokenizer.decode(ids).strip() == TOPICS[0][1].strip()
 
@@ -52,17 +53,17 @@ def test_nothing_ingested_is_lost_when_the_pool_drops_it(tiny_dir):
 def test_a_budget_reads_only_the_selected_blocks(tiny_dir, monkeypatch):
     service = filled(tiny_dir)
     reads = []
-    original = service.store.read_block_rows
+    original = service.repo.read_block_rows
 
-    def counting(name, block, rows, keys):
+    def counting(block, rows, keys):
         reads.append((block, rows))
-        return original(name, block, rows, keys)
+        return original(block, rows, keys)
 
-    monkeypatch.setattr(service.store, "read_block_rows", counting)
+    monkeypatch.setattr(service.repo, "read_block_rows", counting)
     answer = service.ask("Who is the garden coordinator?", max_new_tokens=2, budget=600)
     "".join(answer)
     assert len(reads) == len(answer.info["sources"]) >= 1 and all(rows is None for _, rows in reads)  # no pool load
-    assert len(reads) < len(service.store.blocks("lt")) == 12
+    assert len(reads) < len(service.store.open("lt").blocks()) == 12
     assert {c["source"].split("-")[0] for c in answer.info["sources"]} == {"garden"}
 
 
@@ -109,8 +110,8 @@ def test_status_and_diff_forecast_the_pool(tiny_dir):
 
 
 def test_forecast_waits_for_the_pool_to_fill():
-    assert recall.forecast(100, 0, 1000, 100, 9) == 100  # 900 tokens in a 1000-token pool: nothing dropped yet
-    full = recall.forecast(100, 1000, 1000, 100, 10)
+    assert forecast(100, 0, 1000, 100, 9) == 100  # 900 tokens in a 1000-token pool: nothing dropped yet
+    full = forecast(100, 1000, 1000, 100, 10)
     assert abs(full - 100 * 0.9 ** 10) < 1e-9
 
 
@@ -147,7 +148,7 @@ def test_gc_bounds_the_long_term_tier(tiny_dir):
     before = service.status()
     lt_before = sum(s["tokens_long_term"] for s in before["sources"])
     dry = service.gc(keep_long_term=0, dry_run=True)
-    assert dry["long_term_blocks_deleted"] > 0 and len(service.store.blocks("lt")) == 40
+    assert dry["long_term_blocks_deleted"] > 0 and len(service.store.open("lt").blocks()) == 40
     result = service.gc(keep_long_term=0)
     assert result["long_term_blocks_deleted"] == dry["long_term_blocks_deleted"] and result["bytes_freed"] > 0
     after = service.status()
@@ -156,9 +157,9 @@ def test_gc_bounds_the_long_term_tier(tiny_dir):
     assert service.verify()["ok"]  # versions still list the pruned blocks; the journal says why
     answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
     "".join(answer)
-    present = set(service.store.blocks("lt"))
+    present = set(service.store.open("lt").blocks())
     assert len(present) == 40 - result["blocks_deleted"]
-    idx = recall.index(service._load_memory("lt", states=False), service.store, "lt", service.model().tokenizer)
+    idx = recall.index(service.load(), service.model().tokenizer)
     assert {c.block for c in idx.candidates} <= present
     assert {c["source"] for c in answer.info["sources"]} <= {s["name"] for s in after["sources"]}
     assert service.gc(keep_long_term=0)["long_term_blocks_deleted"] == 0  # nothing more to prune
@@ -167,10 +168,10 @@ def test_gc_bounds_the_long_term_tier(tiny_dir):
 def test_the_index_is_cached_per_version_and_purged_with_the_document(tiny_dir, monkeypatch):
     service = filled(tiny_dir, repeats=1)
     "".join(service.ask("What is the tool shed code?", max_new_tokens=1))
-    cache = service.store.path("lt") / "cache"
+    cache = service.store.open("lt").folder / "cache"
     (first,) = list(cache.glob("recall-*"))
     calls = []
-    monkeypatch.setattr(service.store, "read_block_ids", lambda *a: calls.append(a) or [])
+    monkeypatch.setattr(service.repo, "read_block_ids", lambda *a: calls.append(a) or [])
     answer = service.ask("Who is the garden coordinator?", max_new_tokens=1)
     "".join(answer)
     assert len(calls) == len(answer.info["sources"]) >= 1  # a cache hit reads the ids of the cited blocks only
@@ -181,4 +182,4 @@ def test_the_index_is_cached_per_version_and_purged_with_the_document(tiny_dir, 
     answer = service.ask("What is the tool shed code?", max_new_tokens=1, budget=2000)
     "".join(answer)
     assert "shed-0" not in {c["source"] for c in answer.info["sources"]}
-    assert service.export(service.store.path("lt").parent / "lt.tar")["files"] > 0
+    assert service.export(service.store.open("lt").folder.parent / "lt.tar")["files"] > 0

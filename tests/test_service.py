@@ -5,7 +5,7 @@ import torch
 
 from memllm_cli.errors import InputError, MemoryNotFound, ModelError
 from memllm_cli.service import Memllm
-from memllm_cli.sources import Document
+from memllm_cli.text.sources import Document
 
 
 def doc(name, text):

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from memllm_cli.errors import InputError
-from memllm_cli.sources import collect
+from memllm_cli.text.sources import collect
 
 
 def test_files_folders_globs_and_stdin(tmp_path):

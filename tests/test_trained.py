@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from memllm_cli.chunking import chunk_document
 from memllm_cli.errors import ModelError
-from memllm_cli.memory import Ledger
-from memllm_cli.official import MPlus, OfficialMemoryLLM, accelerate_map, split_ids
+from memllm_cli.memory import Memory
+from memllm_cli.model.official import CHECKPOINT, MPlus, OfficialMemoryLLM, split_ids
+from memllm_cli.model.placement import accelerate_map
 from memllm_cli.random_checkpoints import save_trained, trained_config
 from memllm_cli.service import CHUNK_TOKENS, Memllm
-from memllm_cli.trained import CHECKPOINT
+from memllm_cli.text.chunking import chunk_document
 from tests.test_service import doc
 
 TEXTS = [
@@ -73,11 +73,11 @@ def test_store_holds_exactly_the_official_state(variant, main_dir, mplus_dir):
     service = Memllm(model=str(folder), memory="m")
     service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(TEXTS)])
     lm = service.model()
-    log = service.store.journal("m")
-    seeds = [u["seed"] for u in service.store.version_meta("m", service.store.head("m"))["updates"]]
+    log = service.store.open("m").journal()
+    seeds = [u["seed"] for u in service.store.open("m").version_meta(service.store.open("m").head())["updates"]]
     assert len(seeds) == len(TEXTS) and log
     ref = reference(folder, TEXTS, seeds, lm.tokenizer)
-    loaded = Memllm(model=str(folder), memory="m")._load_memory("m")
+    loaded = Memllm(model=str(folder), memory="m").load(states=True)
     ours = loaded.state
     for i in range(ref.c.layers):
         assert torch.equal(ours["rows"][i], ref.rows[i])
@@ -102,26 +102,26 @@ def test_reload_is_bit_identical_and_replays(main_dir, mplus_dir):
     for folder in (main_dir, mplus_dir):
         service = Memllm(model=str(folder), memory=f"r-{folder.name}")
         service.ingest_documents([doc("a", TEXTS[0]), doc("b", TEXTS[1])])
-        before = service._load_memory(service.memory_name).state
+        before = service.load(states=True).state
         service.ingest_documents([doc("c", TEXTS[2])])
         service.rollback("HEAD~1")
-        assert_same_state(service._load_memory(service.memory_name).state, before)
+        assert_same_state(service.load(states=True).state, before)
         # the same ingest after the rollback writes the same block: same seed, same rows
-        blocks = set(service.store.blocks(service.memory_name))
+        blocks = set(service.store.open(service.memory_name).blocks())
         service.ingest_documents([doc("c", TEXTS[2])])
-        assert set(service.store.blocks(service.memory_name)) == blocks
+        assert set(service.store.open(service.memory_name).blocks()) == blocks
 
 
 def test_the_store_refers_to_the_checkpoint_pool_instead_of_copying_it(main_dir):
     service = Memllm(model=str(main_dir), memory="small")
     service.ingest_documents([doc("a", TEXTS[0])])
     store = service.store
-    blocks = store.blocks("small")
+    blocks = store.open("small").blocks()
     assert len(blocks) == 1  # one injection; the checkpoint's 32 rows x 3 layers are not copied
-    tensors, meta = store.read_version("small", store.head("small"))
+    tensors, meta = store.open("small").read_version(store.open("small").head())
     assert meta["blocks"][:2] == ["@checkpoint", "@checkpoint-ltm"] and meta["kind"] == "trained"
     assert tensors["block"].shape == (3, 32)
-    block = store.read_block_rows("small", blocks[0], list(range(8)), ("rows",))["rows"]
+    block = store.open("small").read_block_rows(blocks[0], list(range(8)), ("rows",))["rows"]
     assert block.shape == (8, 3, 64)
     # 8 new rows per layer, the other 24 still the checkpoint's, each at its own position
     held = tensors["block"] == 2
@@ -152,9 +152,9 @@ def test_forget_restores_checkpoint_rows_and_removes_long_term_rows(main_dir, mp
         name = f"f-{folder.name}"
         service = Memllm(model=str(folder), memory=name)
         service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(TEXTS)])
-        before = service._load_memory(name)
+        before = service.load(states=True)
         service.forget(["d0", "d1"])
-        memory = Memllm(model=str(folder), memory=name)._load_memory(name)
+        memory = Memllm(model=str(folder), memory=name).load(states=True)
         sources = {memory.sources.index(s) for s in memory.sources if s["name"] in ("d0", "d1")}
         table = torch.tensor(memory.meta["block_sources"])
         for i in range(memory.layers):
@@ -182,11 +182,11 @@ def test_forget_restores_checkpoint_rows_and_removes_long_term_rows(main_dir, mp
 def test_forgetting_everything_from_a_blank_checkpoint_is_the_fresh_checkpoint(blank_dir):
     service = Memllm(model=str(blank_dir), memory="blank")
     service.ingest_documents([doc("a", TEXTS[0])])
-    memory = service._load_memory("blank")
+    memory = service.load(states=True)
     assert memory.state["initialized"] and (split_ids(torch.stack(memory.state["row_ids"]))[0] == 2).all()
     service.forget(["a"])
     fresh = OfficialMemoryLLM.load(blank_dir)
-    memory = service._load_memory("blank")
+    memory = service.load(states=True)
     assert not memory.state["initialized"]
     lm = service.model()
     lm.engine.set_state(memory.state)
@@ -254,7 +254,7 @@ def test_cli_runs_a_trained_checkpoint(tmp_path, main_dir, isolated_home):
 
 
 def test_accelerate_device_map_keeps_layers_whole():
-    from memllm_cli.official import Config
+    from memllm_cli.model.official import Config
 
     config = Config.from_dict(trained_config())
     shapes = {"memory": [3, 32, 64], "model.embed_tokens.weight": [320, 64], "lm_head.weight": [320, 64],
@@ -282,10 +282,9 @@ def test_a_device_map_runs_the_same_computation(main_dir):
 
 
 def test_ledger_is_shared():
-    from memllm_cli.memory import Memory
-    from memllm_cli.trained import TrainedMemory
+    from memllm_cli.memory import FreeMemory, TrainedMemory
 
-    assert issubclass(Memory, Ledger) and issubclass(TrainedMemory, Ledger)
+    assert issubclass(FreeMemory, Memory) and issubclass(TrainedMemory, Memory)
 
 
 @pytest.mark.gpu
@@ -321,7 +320,7 @@ def test_mplus_cites_the_documents_its_retriever_chose(mplus_dir):
     answer = service.ask("What is the tool shed code?", max_new_tokens=2)
     "".join(answer)
     engine = service.model().engine
-    memory = service._load_memory("cite", states=False)
+    memory = service.load()
     table = torch.tensor(memory.meta["block_sources"])
     chosen = 0
     for i, picked in enumerate(engine.retrieved):

@@ -1,5 +1,6 @@
 """The versioned store through the service: log, snapshots, rollback, diff, forget, verify, gc, migration."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from memllm_cli.errors import InputError, StoreError
 from memllm_cli.service import Memllm
-from memllm_cli.sources import Document
+from memllm_cli.text.sources import Document
 
 
 def doc(name, text):
@@ -32,16 +33,16 @@ def test_every_ingest_is_a_version_and_log_walks_them(service):
     log = service.log()
     assert [e["op"] for e in log] == ["ingest", "ingest"]
     assert log[0]["tokens"] == log[0]["added"] + log[1]["tokens"]
-    assert service.store.resolve("default", "HEAD~1") == log[1]["version"]
+    assert service.repo.resolve("HEAD~1") == log[1]["version"]
     assert service.verify()["ok"]
 
 
 def test_a_version_stores_only_new_tokens(service):
     service.ingest_documents([doc("a", NOTE * 3)])
-    blocks_before = service.store.blocks("default")
+    blocks_before = service.repo.blocks()
     service.ingest_documents([doc("b", "Another note. " * 5)])
-    assert len(service.store.blocks("default")) == len(blocks_before) + 1
-    version_file = service.store.path("default") / "versions" / f"{service.store.head('default')}.safetensors"
+    assert len(service.repo.blocks()) == len(blocks_before) + 1
+    version_file = service.repo.folder / "versions" / f"{service.repo.head()}.safetensors"
     from safetensors import safe_open
 
     with safe_open(version_file, framework="pt") as f:  # an index of (block, row) pairs, not a pool copy
@@ -61,7 +62,7 @@ def test_snapshot_rollback_and_undo(service):
     assert service.log()[0]["op"] == "rollback"
     service.rollback("HEAD~1")  # undo the rollback
     assert service.status()["tokens"] == full
-    assert result["to"] == service.store.tags("default")["one"]
+    assert result["to"] == service.repo.tags()["one"]
     assert [s["snapshot"] for s in service.snapshot_list()] == ["one"]
     assert service.snapshot_list()[0]["message"] == "first"
     service.snapshot_delete("one")
@@ -103,9 +104,12 @@ def test_pool_read_back_from_blocks_equals_the_pool_written(service):
     memory.keep_blocks = True
     for i in range(6):
         service.write_text(memory, f"Note {i}. " + NOTE * 2, name=f"n{i}")
-    service.store.create("copy", {"model": {"name": "x", "fingerprint": "y"}})
-    service._commit("copy", memory, "ingest")
-    loaded = service._load_memory("copy")
+    copy = Memllm(dataclasses.replace(service.settings, memory="copy"))
+    lm = copy.model()
+    copy.repo.create({"model": {"name": lm.name, "fingerprint": lm.fingerprint}})
+    memory.library = copy.repo
+    copy._commit(memory, "ingest")
+    loaded = copy.load(states=True)
     assert torch.equal(loaded.pool.keys, memory.pool.keys) and torch.equal(loaded.pool.values, memory.pool.values)
     assert torch.equal(loaded.pool.tags["source"], memory.pool.tags["source"])
 
@@ -116,7 +120,7 @@ def test_gc_deletes_only_what_nothing_reaches(service):
     service.ingest_documents([doc("b", "Second note. " * 10)])
     assert service.gc()["blocks_deleted"] == 0
     # an orphan left by a crash between writing a block and committing its version
-    service.store.write_block("default", {"keys": torch.zeros(1, 2), "values": torch.zeros(1, 2)}, {})
+    service.repo.write_block({"keys": torch.zeros(1, 2), "values": torch.zeros(1, 2)}, {})
     result = service.gc()
     assert result["blocks_deleted"] == 1 and result["bytes_freed"] > 0
     assert service.verify()["ok"] and service.status()["tokens"] > 0
@@ -152,10 +156,10 @@ def test_a_format_1_memory_migrates_forward(tiny_dir, isolated_home):
     answer = old.ask("who?", max_new_tokens=5)
     "".join(answer)
     assert answer.ids == expected.ids
-    assert old.store.info("old")["format"] == 2 and not (folder / "pool.safetensors").exists()
+    assert old.store.open("old").info()["format"] == 2 and not (folder / "pool.safetensors").exists()
     assert [e["op"] for e in old.log()] == ["migrate"]
     assert old.verify()["ok"]
-    assert any(e.get("migration") == "0001-pool-file-to-blocks" for e in old.store.journal("old"))
+    assert any(e.get("migration") == "0001-pool-file-to-blocks" for e in old.store.open("old").journal())
 
 
 def test_eight_ingests_at_once_all_land(tmp_path, env_model):
@@ -191,7 +195,7 @@ def test_export_then_import_elsewhere_keeps_history_and_answers(service, tmp_pat
     "".join(answer)
     assert answer.ids == expected.ids and moved.model().name == str(tiny_dir)
     assert [e["version"] for e in moved.log()] == [e["version"] for e in service.log()]
-    assert list(moved.store.tags("moved")) == ["one"] and moved.verify()["ok"]
+    assert list(moved.store.open("moved").tags()) == ["one"] and moved.verify()["ok"]
     with pytest.raises(InputError, match="exists"):
         moved.import_(archive)
 
@@ -228,21 +232,21 @@ def test_forget_purge_removes_the_bytes_from_every_version(service, tmp_path):
     service.ingest([str(tmp_path / "passwords.txt")])
     service.snapshot_create("with-secret")
     service.ingest_documents([doc("later", "Later note. " * 8)])
-    secret_blocks = [b for b in service.store.blocks("default")
-                     if service.store.block_meta("default", b).get("source") == str(tmp_path / "passwords.txt")]
+    secret_blocks = [b for b in service.repo.blocks()
+                     if service.repo.block_meta(b).get("source") == str(tmp_path / "passwords.txt")]
     assert secret_blocks
     result = service.forget([str(tmp_path / "passwords.txt")], purge=True)
     assert result["purged_blocks"] == len(secret_blocks)
-    assert not set(secret_blocks) & set(service.store.blocks("default"))
+    assert not set(secret_blocks) & set(service.repo.blocks())
     assert service.verify()["ok"]
-    for version in service.store.versions("default"):
-        tensors, meta = service.store.read_version("default", version)
+    for version in service.repo.versions():
+        tensors, meta = service.repo.read_version(version)
         assert "passwords" not in json.dumps(meta)
-    folder = service.store.path("default")
+    folder = service.repo.folder
     for path in (folder / "blocks").iterdir():
         assert b"passwords" not in path.read_bytes()
     # history survives, minus the secret: the snapshot still names a version, older ingests stay
-    assert service.store.tags("default")["with-secret"] in service.store.versions("default")
+    assert service.repo.tags()["with-secret"] in service.repo.versions()
     assert [s["name"] for s in service.status()["sources"]] == ["keep", "later"]
     service.rollback("with-secret")
     assert [s["name"] for s in service.status()["sources"]] == ["keep"]
@@ -254,11 +258,11 @@ def test_replaying_the_same_ingests_from_a_version_is_bit_identical(tiny_dir):
     service.snapshot_create("base")
     replay = [doc(f"r{i}", f"Replay {i}. " + NOTE * 2) for i in range(4)]
     service.ingest_documents(replay)
-    first = service._load_memory("default")
+    first = service.load(states=True)
     service.rollback("base")
     service.ingest_documents(replay, force=True)
-    second = service._load_memory("default")
-    assert sum(u["dropped"] for u in service.store.version_meta("default", second.head)["updates"]) > 0
+    second = service.load(states=True)
+    assert sum(u["dropped"] for u in service.repo.version_meta(second.head)["updates"]) > 0
     assert torch.equal(first.pool.keys, second.pool.keys) and torch.equal(first.pool.values, second.pool.values)
     assert first.blocks == second.blocks
 
@@ -267,15 +271,15 @@ def test_gc_with_a_history_limit_prunes_old_versions(tiny_dir):
     service = Memllm(model=str(tiny_dir), pool_size=512, write_context=64)
     for i in range(8):
         service.ingest_documents([doc(f"d{i}", f"Note {i}. " + NOTE * 3)])
-    before = service.store.disk_bytes("default")
+    before = service.repo.disk_bytes()
     dry = service.gc(keep_versions=2, dry_run=True)
-    assert dry["versions_deleted"] == 6 and service.store.disk_bytes("default") == before
+    assert dry["versions_deleted"] == 6 and service.repo.disk_bytes() == before
     result = service.gc(keep_versions=2)
     assert result["versions_deleted"] == 6 and result["bytes_freed"] > 0
-    assert service.store.disk_bytes("default") < before
+    assert service.repo.disk_bytes() < before
     # blocks go once none of their tokens is in a kept version
-    used = {b for v in service.store.versions("default") for b in service.store.version_meta("default", v)["blocks"]}
-    assert set(service.store.blocks("default")) == used
+    used = {b for v in service.repo.versions() for b in service.repo.version_meta(v)["blocks"]}
+    assert set(service.repo.blocks()) == used
     assert service.verify()["ok"]  # the pruned parent is not damage
     assert len(service.log()) == 2
     with pytest.raises(InputError, match="past what gc kept"):

@@ -17,16 +17,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 
+from ..errors import ModelError
+from ..text.prompts import PromptFormat, TrainedPrompt
 from .engine import MemoryModel
-from .errors import ModelError
 from .official import OfficialMemoryLLM
-from .prompts import PromptFormat, TrainedPrompt
 
 log = logging.getLogger("memllm")
 
@@ -52,6 +52,7 @@ class LoadedModel:
     prompt: PromptFormat | TrainedPrompt
     fingerprint: str  # sha256 hex of config and weight samples: which model wrote a memory
     kind: str = "training-free"  # or "trained": an official MemoryLLM / M+ checkpoint
+    cache: dict = field(default_factory=dict)  # what users of the model derive from it once (the sink)
 
     @property
     def trained(self) -> bool:

@@ -20,90 +20,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .errors import ModelError
-
-
-@dataclass
-class Pool:
-    """Stored tokens: pre-rotary keys and values per layer, plus per-token tags.
-
-    Tags (provenance such as source id, chunk id, offset) are carried through every
-    selection and concatenation untouched; the engine never reads them.
-    """
-
-    keys: torch.Tensor  # (L, Hkv, n, hd)
-    values: torch.Tensor  # (L, Hkv, n, hd)
-    tags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n,) int64
-
-    def __post_init__(self) -> None:
-        n = self.keys.shape[2]
-        if self.values.shape != self.keys.shape:
-            raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} differ")
-        for name, tag in self.tags.items():
-            if tag.shape != (n,):
-                raise ValueError(f"tag {name!r} has shape {tuple(tag.shape)}, expected ({n},)")
-
-    def __len__(self) -> int:
-        return self.keys.shape[2]
-
-    @classmethod
-    def empty(cls, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, tag_names=()) -> Pool:
-        kv = torch.empty(layers, kv_heads, 0, head_dim, dtype=dtype)
-        return cls(kv, kv.clone(), {name: torch.empty(0, dtype=torch.int64) for name in tag_names})
-
-    def select(self, index: torch.Tensor) -> Pool:
-        """The tokens at `index` (1-D, int64), in that order."""
-        return Pool(
-            self.keys.index_select(2, index),  # (L, Hkv, len(index), hd)
-            self.values.index_select(2, index),
-            {name: tag.index_select(0, index) for name, tag in self.tags.items()},
-        )
-
-    def tail(self, count: int) -> Pool:
-        """The last `count` tokens (all of them if the pool is shorter)."""
-        start = max(0, len(self) - count)
-        return Pool(
-            self.keys[:, :, start:],
-            self.values[:, :, start:],
-            {name: tag[start:] for name, tag in self.tags.items()},
-        )
-
-    def __add__(self, other: Pool) -> Pool:
-        """Concatenate along the token axis; tags missing on one side are filled with -1."""
-        names = dict.fromkeys([*self.tags, *other.tags])
-
-        def tag(pool: Pool, name: str) -> torch.Tensor:
-            return pool.tags.get(name, torch.full((len(pool),), -1, dtype=torch.int64))
-
-        dtype = self.keys.dtype
-        return Pool(
-            torch.cat([self.keys, other.keys.to(dtype)], dim=2),  # (L, Hkv, n1+n2, hd)
-            torch.cat([self.values, other.values.to(dtype)], dim=2),
-            {name: torch.cat([tag(self, name), tag(other, name)]) for name in names},
-        )
-
-    def to(self, dtype: torch.dtype) -> Pool:
-        return Pool(self.keys.to(dtype), self.values.to(dtype), dict(self.tags))
+from ..errors import ModelError
+from .pool import Pool
+from .sampling import pick
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-
-def drop_uniform(n: int, drop: int, seed: int) -> torch.Tensor:
-    """Indices of the n - drop tokens kept when `drop` of n are dropped uniformly at random.
-
-    The MemoryLLM rule: `sort(randperm(n)[: n - drop])` from a generator seeded with `seed`,
-    so kept tokens keep their order and any update can be replayed exactly.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[: n - drop].sort().values  # (n - drop,)
 
 
 class MemoryModel:
@@ -235,26 +164,8 @@ class MemoryModel:
         cache = self._cache(context)
         logits = self._run(ids, cache, logits_to_keep=1)[-1]  # (V,)
         for _ in range(max_new_tokens):
-            token = _pick(logits.float(), temperature, top_p, top_k, generator)
+            token = pick(logits.float(), temperature, top_p, top_k, generator)
             if token in stop_ids:
                 return
             yield token
             logits = self._run(torch.tensor([token]), cache, logits_to_keep=1)[-1]  # (V,)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature  # (V,)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .memory import now
-from .store import FORMAT, Store
+from ..clock import now
+from .repo import FORMAT, Repo
 
 
-def pool_file_to_blocks(store: Store, name: str) -> None:
+def pool_file_to_blocks(repo: Repo) -> None:
     """Format 1 kept the whole pool in pool.safetensors: keys and values (L, Hkv, n, hd) and
     per-token source, chunk and offset. Each (source, chunk) group becomes one block (the
     tokens of that chunk still held), and the pool becomes the first version."""
-    info = store.info(name)
-    legacy = store.read_legacy_pool(name)
+    info = repo.info()
+    legacy = repo.read_legacy_pool()
     if legacy is not None:
         tensors, meta = legacy
         source, chunk = tensors["tag.source"], tensors["tag.chunk"]
@@ -30,8 +30,7 @@ def pool_file_to_blocks(store: Store, name: str) -> None:
         for s, c in groups.tolist():
             positions = torch.nonzero((source == s) & (chunk == c)).flatten()
             src = meta["sources"][s]
-            digest = store.write_block(
-                name,
+            digest = repo.write_block(
                 {"keys": keys[positions], "values": values[positions]},
                 {"source": src["name"], "source_sha256": src["sha256"], "chunk": c, "start": 0, "end": 0,
                  "tokens": len(positions), "update": -1},
@@ -39,8 +38,7 @@ def pool_file_to_blocks(store: Store, name: str) -> None:
             block[positions] = len(blocks)
             row[positions] = torch.arange(len(positions))
             blocks.append(digest)
-        version = store.write_version(
-            name,
+        version = repo.write_version(
             {"block": block.to(torch.int32), "row": row.to(torch.int32),
              "source": source.to(torch.int32), "chunk": chunk.to(torch.int32)},
             {"parent": None, "op": "migrate", "time": now(), "message": "from a format 1 pool file",
@@ -49,21 +47,21 @@ def pool_file_to_blocks(store: Store, name: str) -> None:
              "sources": meta["sources"], "updates": meta["updates"],
              "stats": {"tokens": len(source), "added": 0, "dropped": 0}},
         )
-        store.set_head(name, version)
-    store.set_format(name, {**info, "format": 2})
-    store.remove_legacy_pool(name)
+        repo.set_head(version)
+    repo.set_format({**info, "format": 2})
+    repo.remove_legacy_pool()
 
 
 MIGRATIONS = [(1, "0001-pool-file-to-blocks", pool_file_to_blocks)]
 assert [n for n, _, _ in MIGRATIONS] == list(range(1, FORMAT))
 
 
-def migrate(store: Store, name: str) -> list[str]:
+def migrate(repo: Repo) -> list[str]:
     """Run every migration the memory needs, in order; returns their names."""
     done = []
     for number, title, step in MIGRATIONS:
-        if store.info(name)["format"] == number:
-            step(store, name)
-            store.log_operation(name, {"time": now(), "op": "migrate", "migration": title})
+        if repo.info()["format"] == number:
+            step(repo)
+            repo.log_operation({"time": now(), "op": "migrate", "migration": title})
             done.append(title)
     return done

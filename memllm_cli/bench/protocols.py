@@ -11,7 +11,8 @@
                 and per-layer pool statistics, against their values at U = 0
 
 The benchmarks talk to a `Subject` (the model with its memory), so their logic is tested
-with a fake model that counts calls; `ServiceSubject` is the real one.
+with a fake model that counts calls; `subject.ServiceSubject` is the real one, over the
+service's public API.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import platform
 import random
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
-from .errors import InputError
-from .progress import NoProgress, Progress
+from ..errors import InputError
+from ..progress import NoProgress, Progress
 from .qa import SCORER_VERSION, Item, is_correct, load_items, normalise
 
 DEFAULT_KS = (0, 1, 2, 5, 10, 20, 50)
@@ -248,7 +246,7 @@ def _cut_left(chunks: list[str], subject: Subject) -> list[str]:
 def bm25_top(chunks: list[str], question: str, subject: Subject, budget: int) -> list[str]:
     """The chunks BM25 ranks highest for the question, best first, up to `budget` tokens,
     placed in their original order (as a retrieval-augmented prompt would)."""
-    from .recall import bm25_index, bm25_scores
+    from ..text.bm25 import bm25_index, bm25_scores
 
     scores = bm25_scores(bm25_index(chunks), question, len(chunks))
     order = sorted(range(len(chunks)), key=lambda i: -scores[i])
@@ -424,238 +422,3 @@ def integrity(subject: Subject, data: Data, *, questions: int, seed: int, update
                      "checkpoints": checkpoints},
         "results": results, "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-# -- the real subject -----------------------------------------------------------------------
-
-
-class ServiceSubject:
-    """The configured model and memory settings, through the service's in-RAM memories."""
-
-    def __init__(self, service, *, max_new_tokens: int = 32, base_memory: str | None = None,
-                 budget: int | None = None) -> None:
-        self.service = service
-        self.budget = service._budget(budget)
-        self.lm = service.model()
-        self.max_new_tokens = max_new_tokens
-        self.base = service._load_memory(base_memory) if base_memory else None
-        probe = service.scratch_memory()
-        self.pool_size = probe.pool_size
-        self.trained = self.lm.trained
-        self.name = self.lm.name
-        sink = len(self.lm.prompt.sink_ids(self.lm.tokenizer))
-        positions = self.lm.engine.max_positions if not self.trained else self.lm.engine.c.raw.get(
-            "max_position_embeddings", 4096)
-        self.window = positions - sink - 1024
-
-    def supports(self, method: str) -> bool:
-        if self.trained:  # the baselines need a plain language model; the checkpoint reads its own pool
-            return method == "memllm"
-        return method != "pool" or self.budget > 0
-
-    def count(self, text: str) -> int:
-        return len(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def new_prompt_memory(self):
-        """A float32 pool that never drops, written after the whole pool: exactly a prompt
-        prefilled chunk by chunk (tests/test_service.py checks the equality)."""
-        if self.trained:
-            return None
-        return self.service.scratch_memory(pool_size=self.window, write_context=self.window, dtype="float32")
-
-    def room(self, memory) -> int:
-        return memory.pool_size - len(memory)
-
-    def new_memory(self, seed: int, *, archive: bool = True):
-        if self.base is not None:
-            memory = self.base.fork()
-            memory.keep_blocks = archive and bool(self.budget)
-            return memory
-        return self.service.scratch_memory(seed=seed, keep_blocks=archive and bool(self.budget))
-
-    def fork(self, memory):
-        copy = memory.fork()
-        copy.keep_blocks = bool(self.budget) and not self.trained
-        return copy
-
-    def write(self, memory, text: str, name: str) -> int:
-        before = memory.update_count
-        self.service.write_text(memory, text, name)
-        return memory.update_count - before
-
-    @staticmethod
-    def _timed(answer) -> tuple[float, int, float]:
-        """(first token seconds, tokens, total seconds) of an answer, generated to the end."""
-        for _ in answer:
-            pass
-        return answer.first_token_seconds or answer.seconds, len(answer.ids), answer.seconds
-
-    def ask(self, memory, question: str, *, whole_pool: bool = False) -> str:
-        budget = 0 if whole_pool else self.budget
-        return "".join(self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens, budget=budget))
-
-    def ask_timed(self, memory, question: str) -> tuple[float, int, float]:
-        answer = self.service.ask_in(memory, question, max_new_tokens=self.max_new_tokens, budget=self.budget)
-        return self._timed(answer)
-
-    def ask_text(self, texts: list[str], question: str) -> str:
-        if self.trained:
-            return ""
-        return "".join(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))
-
-    def ask_text_timed(self, texts: list[str], question: str) -> tuple[float, int, float]:
-        return self._timed(self.service.ask_with_text(question, texts, max_new_tokens=self.max_new_tokens))
-
-    def held(self, memory) -> dict[str, float]:
-        held = memory.held_per_source()
-        out: dict[str, float] = {}
-        for i, source in enumerate(memory.sources):
-            written = source.get("rows", source["tokens"])
-            out[source["name"]] = held[i] / written if written else 0.0
-        return out
-
-    def held_tokens(self, memory) -> int:
-        return len(memory)
-
-    def updates(self, memory) -> list[dict]:
-        """Every update of an unsaved memory, with the pool length before it."""
-        sizes = [u.get("rows", u["tokens"]) for u in memory.updates]
-        held = len(memory) if not self.trained else memory.pool_size
-        before = held - sum(s - u["dropped"] for s, u in zip(sizes, memory.updates, strict=True))
-        out = []
-        for size, u in zip(sizes, memory.updates, strict=True):
-            out.append({"source": memory.sources[u["source"]]["name"], "tokens": size, "dropped": u["dropped"],
-                        "before": before})
-            before += size - u["dropped"]
-        return out
-
-    def nll(self, memory, text: str) -> tuple[float, int]:
-        import torch
-        import torch.nn.functional as F
-
-        ids = self.lm.tokenizer(text, add_special_tokens=False).input_ids[:CHUNK_TOKENS]
-        x = torch.tensor(ids)
-        if self.trained:
-            self.lm.engine.set_state(memory.state)
-            logits = self.lm.engine.forward(x)
-        else:
-            logits = self.lm.engine.forward(x, memory.context(self.service.sink()))
-        loss = F.cross_entropy(logits[:-1].float().cpu(), x[1:], reduction="sum")
-        return float(loss), len(ids) - 1
-
-    def pool_stats(self, memory) -> list[dict]:
-        if self.trained:
-            rows = memory.state["rows"]
-            return [{"layer": i, "mean_norm": float(r.float().norm(dim=-1).mean()),
-                     "max_norm": float(r.float().norm(dim=-1).max())} for i, r in enumerate(rows)]
-        keys, values = memory.pool.keys.float(), memory.pool.values.float()  # (L, Hkv, n, hd)
-        out = []
-        for i in range(keys.shape[0]):
-            k = keys[i].norm(dim=-1)  # (Hkv, n)
-            v = values[i].norm(dim=-1)
-            out.append({"layer": i, "mean_norm": float(v.mean()), "max_norm": float(v.max()),
-                        "key_mean_norm": float(k.mean()), "key_max_norm": float(k.max())})
-        return out
-
-    def plain_forward(self, text: str) -> None:
-        import torch
-
-        ids = torch.tensor(self.lm.tokenizer(text, add_special_tokens=False).input_ids[:CHUNK_TOKENS])
-        if self.trained:
-            state = self.lm.engine.state()
-            self.lm.engine.initialized = False
-            self.lm.engine.forward(ids)
-            self.lm.engine.set_state(state)
-        else:
-            self.lm.engine.forward(ids)
-
-    def disk_bytes_per_token(self, memory) -> float | None:
-        """Bytes the store would write for this pool: its tokens as one block, plus one version."""
-        import torch
-
-        from .store import Store
-
-        if self.trained or len(memory) == 0:
-            return None
-        with tempfile.TemporaryDirectory() as home:
-            store = Store(Path(home))
-            store.create("m", {})
-            pool = memory.pool
-            store.write_block("m", {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)},
-                              {})
-            tensors = {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
-            store.write_version("m", tensors, {"parent": None})
-            return round(store.disk_bytes("m") / len(memory), 1)
-
-
-# -- reports --------------------------------------------------------------------------------
-
-
-def environment(subject: Subject) -> dict:
-    import torch
-    import transformers
-
-    try:
-        import bm25s
-
-        bm25_version = bm25s.__version__
-    except ImportError:
-        bm25_version = None
-    return {
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cpus": _cpus(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": {"memllm": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "bm25s": bm25_version},
-        "model": {"name": subject.name, "kind": "trained" if getattr(subject, "trained", False) else "training-free",
-                  "pool_size": subject.pool_size, "window": subject.window},
-    }
-
-
-def _cpus() -> int | None:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count()
-
-
-def plot(result: dict, path: Path) -> bool:
-    """A PNG of the retention curve (accuracy vs k per method, with standard errors, and the
-    survival probability of a written token); False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    ks = result["settings"]["ks"]
-    x = list(range(len(ks)))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    markers = "osD^v<>"
-    for n, (method, series) in enumerate(result["results"].items()):
-        acc = [series[str(k)]["accuracy"] for k in ks]
-        err = [series[str(k)]["stderr"] for k in ks]
-        shift = (n - (len(result["results"]) - 1) / 2) * 0.06  # side by side where curves coincide
-        ax.errorbar([i + shift for i in x], acc, yerr=err, marker=markers[n % len(markers)], capsize=3,
-                    label=method)
-    paper = [result["survival"][str(k)]["paper"] for k in ks]
-    measured = [result["survival"][str(k)]["measured"] for k in ks]
-    if any(v is not None for v in paper):
-        ax.plot(x, paper, linestyle="--", color="gray", label="survival (1-K/N)^t, t = updates on a full pool")
-        ax.plot(x, measured, linestyle=":", color="black", label="gold tokens still held")
-    ax.set_xticks(x, [str(k) for k in ks])
-    ax.set_xlabel("unrelated passages written after the gold passage (k)")
-    ax.set_ylabel("accuracy / share")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"knowledge retention, {result['environment']['model']['name']}, "
-                 f"{result['settings']['questions']} NQ questions")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-

@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 SCORER_VERSION = "contains-normalised-1"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -15,13 +15,16 @@ budget, not on how much was ingested.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .engine import Pool
+from ..model.pool import Pool
+from ..text.bm25 import bm25_index, bm25_scores
+from .base import BlockSource
 
 
 @dataclass
@@ -50,11 +53,11 @@ class Index:
     retriever: object | None  # bm25s.BM25; None when there is nothing to search
 
 
-def index(memory, store=None, name: str | None = None, tokenizer=None) -> Index:
-    """The stored memory's index (cached on disk per version, see `_stored`), or one built
-    in RAM from the memory's pending blocks (memories that are never stored)."""
-    if store is not None:
-        return _stored(memory, store, name, tokenizer)
+def index(memory, tokenizer) -> Index:
+    """The index of a stored memory (cached per version in its library, see `_stored`), or
+    one built in RAM from the memory's pending blocks (memories that are never stored)."""
+    if memory.library is not None and memory.head is not None and not memory.pending:
+        return _stored(memory, memory.library, tokenizer)
     found = []
     for k, (states, meta) in enumerate(memory.pending):
         source = meta.get("source_index")
@@ -65,102 +68,56 @@ def index(memory, store=None, name: str | None = None, tokenizer=None) -> Index:
     return Index(found, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
 
 
-def _stored(memory, store, name: str, tokenizer) -> Index:
+def _stored(memory, library: BlockSource, tokenizer) -> Index:
     """Every block of the memory's live documents listed by its version (blocks gc pruned
     and blocks written before blocks kept their token ids are left out).
 
     Building it reads every block's metadata and ids and indexes their text: O(what was
-    ingested). So it is cached under the memory's folder, keyed by the version and the number
-    of blocks on disk, and each ask after the first loads it (memory-mapped) instead."""
-    import json
-    import shutil
-    import tempfile
-
+    ingested). So it is cached in the library, keyed by the version and the number of
+    blocks on disk, and each ask after the first loads it (memory-mapped) instead."""
     import bm25s
 
-    key = f"recall-{memory.head}-{len(store.blocks(name))}"
-    cache = store.path(name) / "cache"
-    folder = cache / key
+    key = f"recall-{memory.head}-{len(library.blocks())}"
 
     def loader(digest: str):
-        return lambda: store.read_block_rows(name, digest, None, ("keys", "values"))
+        return lambda: library.read_block_rows(digest, None, ("keys", "values"))
 
     def ids_of(digest: str):
-        return lambda: store.read_block_ids(name, digest) or []
+        return lambda: library.read_block_ids(digest) or []
 
-    if (folder / "candidates.json").is_file():
+    folder = library.cached(key)
+    if folder is not None and (folder / "candidates.json").is_file():
         try:
             rows = json.loads((folder / "candidates.json").read_text())
             retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if rows else None
             return Index([Candidate(r["block"], r["update"], r["source"], r["chunk"], r["tokens"], loader(r["block"]),
                                     ids_of(r["block"])) for r in rows], retriever)
         except (OSError, ValueError, KeyError):
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache is rebuilt
+            library.drop_cache(key)  # a damaged cache is rebuilt below
     live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
     found, texts = [], []
     for digest in memory.blocks:
-        if digest.startswith("@") or not store.has_block(name, digest):
+        if digest.startswith("@") or not library.has_block(digest):
             continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
-        meta = store.block_meta(name, digest)
+        meta = library.block_meta(digest)
         source = live.get(meta.get("source_sha256"))
-        ids = store.read_block_ids(name, digest) if source is not None else None
+        ids = library.read_block_ids(digest) if source is not None else None
         if source is None or ids is None:
             continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
         found.append(Candidate(digest, meta.get("update", 0), source, meta.get("chunk", 0), len(ids),
                                loader(digest), ids_of(digest)))
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     retriever = bm25_index(texts)
-    cache.mkdir(mode=0o700, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".recall-", dir=cache))
-    try:
+
+    def fill(tmp: Path) -> None:
         if retriever is not None:
             retriever.save(str(tmp), show_progress=False)
         rows = [{"block": c.block, "update": c.update, "source": c.source, "chunk": c.chunk, "tokens": c.tokens}
                 for c in found]
         (tmp / "candidates.json").write_text(json.dumps(rows))
-        for file in tmp.iterdir():
-            file.chmod(0o600)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            pass  # another ask built it meanwhile
-        for old in cache.glob("recall-*"):
-            if old.name != key:
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    library.write_cache(key, fill)
     return Index(found, retriever)
-
-
-def bm25_index(texts: list[str]):
-    """A BM25 index (bm25s) over texts; None when there is nothing to index (no texts, or
-    no word in them that is not a stop word)."""
-    if not texts:
-        return None
-    import bm25s
-
-    retriever = bm25s.BM25()
-    try:
-        retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    except ValueError:  # an empty vocabulary
-        return None
-    return retriever
-
-
-def bm25_scores(retriever, question: str, count: int) -> list[float]:
-    """The BM25 score of each of the `count` indexed texts for the question (0 for all when
-    the question has no searchable word or there is no index)."""
-    scores = [0.0] * count
-    if retriever is None:
-        return scores
-    import bm25s
-
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
-    if query and query[0]:
-        order, values = retriever.retrieve(query, k=count, show_progress=False)
-        for i, score in zip(order[0].tolist(), values[0].tolist(), strict=True):
-            scores[i] = float(score)
-    return scores
 
 
 MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
@@ -200,14 +157,16 @@ def read(selected: list[Candidate], dtype: torch.dtype) -> Pool:
     return Pool(k, v)
 
 
-def forecast(held: float, pool: int, pool_size: int, per_update: float, updates: int) -> float:
-    """Expected tokens of `held` still in the pool after `updates` more updates of
-    `per_update` tokens each, from a pool of `pool` tokens: while the pool fills nothing is
-    dropped; once full, each update drops as many as it adds, uniformly: (1 - K/N) per update."""
-    n = float(pool)
-    for _ in range(updates):
-        drop = max(0.0, n + per_update - pool_size)
-        if n > 0:
-            held *= 1 - min(drop, n) / n
-        n = min(pool_size, n + per_update)
-    return held
+def cited(memory, selected: list[Candidate], tokenizer) -> list[dict]:
+    """The documents an answer read, best retrieval score first, with a short excerpt."""
+    out = []
+    for c in sorted(selected, key=lambda c: -c.score):
+        out.append({"source": memory.sources[c.source]["name"], "chunk": c.chunk, "score": round(c.score, 3),
+                    "tokens": c.tokens, "excerpt": excerpt(tokenizer, c.ids)})
+    return out
+
+
+def excerpt(tokenizer, ids: list[int] | None, length: int = 160) -> str:
+    """The start of a block's text, on one line."""
+    text = " ".join(tokenizer.decode(ids or [], skip_special_tokens=True).split())
+    return text[:length] + ("..." if len(text) > length else "")

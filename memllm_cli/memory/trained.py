@@ -11,31 +11,41 @@ initial memory. A version is then a few int32 per row (plus M+ ages and recall
 frequencies), and reloading it rebuilds the model's state bit for bit.
 
 `forget` replaces a document's pool rows by the checkpoint's rows at the same positions
-(the pool keeps its size, as the model expects) and removes its long-term rows.
+(the pool keeps its size, as the model expects) and removes its long-term rows. Counts are
+rows per layer. The checkpoint reads its whole pool itself (M+ retrieves from its long-term
+memory with its own trained retriever), so a read budget does not apply.
 """
 
 from __future__ import annotations
 
 import copy
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from .errors import StoreError
-from .memory import Ledger
-from .official import CHECKPOINT, CHECKPOINT_LTM, MPlus, OfficialMemoryLLM, row_ids, split_ids
+from ..errors import StoreError
+from ..model.official import CHECKPOINT, CHECKPOINT_LTM, MPlus, OfficialMemoryLLM, row_ids, split_ids
+from .base import BlockSource, Memory, Reading, Sampling
+from .recall import excerpt
 
-KIND = "trained"
+if TYPE_CHECKING:
+    from ..model.loading import LoadedModel
+    from ..text.chunking import Chunk
+
+MIN_INJECTION = 16  # the official README: shorter injections disturb the trained memory
 VIRTUAL = ("@checkpoint", "@checkpoint-ltm")  # blocks[CHECKPOINT], blocks[CHECKPOINT_LTM]
 TIERS = ("ltm", "cached")  # M+: long-term rows, rows waiting to merge into them
 
-BlockReader = Callable[[str, list[int], tuple[str, ...]], dict]  # (block, rows, names) -> tensors (r, L, ...)
-
 
 @dataclass
-class TrainedMemory(Ledger):
+class TrainedMemory(Memory):
+    kind: ClassVar[str] = "trained"
+    unit: ClassVar[str] = "rows per layer"
+
     pool_size: int  # N rows per layer
     write_context: int  # K: rows written per injection, and the pool tail an injection reads
     dtype: str
@@ -51,11 +61,19 @@ class TrainedMemory(Ledger):
     updates: list[dict] = field(default_factory=list)
     dropped: int = 0
     keep_blocks: bool = True
-    engine: OfficialMemoryLLM | None = None  # None: index only (status, diff, forget)
+    lm: LoadedModel | None = None  # None: index only (status, diff, forget)
+    library: BlockSource | None = None
     state: dict | None = None  # the engine's memory state, when loaded
 
+    @property
+    def engine(self) -> OfficialMemoryLLM | None:
+        return self.lm.engine if self.lm is not None else None
+
     @classmethod
-    def empty(cls, engine: OfficialMemoryLLM, *, seed: int | None = None) -> TrainedMemory:
+    def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
+               dtype: str | None = None, seed: int | None = None) -> TrainedMemory:
+        """The checkpoint's own memory; the checkpoint fixes N and K (settings are ignored)."""
+        engine = lm.engine
         state = engine.initial_state()
         memory = cls(
             pool_size=len(state["rows"][0]), write_context=engine.c.num_tokens,
@@ -63,7 +81,7 @@ class TrainedMemory(Ledger):
             meta={"initialized": state["initialized"], "checkpoint_initialized": engine.checkpoint_initialized,
                   "update_step": 0, "block_sources": [-1, -1], "block_chunks": [-1, -1],
                   "mplus": isinstance(engine, MPlus)},
-            engine=engine, state=state,
+            lm=lm, state=state,
         )
         if seed is not None:
             memory.seed = seed
@@ -84,11 +102,18 @@ class TrainedMemory(Ledger):
 
     # -- writing ---------------------------------------------------------------------
 
-    def write(self, engine: OfficialMemoryLLM, sink, ids: list[int], *, source: int, chunk: int,
-              span: tuple[int, int] = (0, 0)) -> dict:
+    def archive_in_ram(self, keep: bool) -> None:
+        self.keep_blocks = False  # the checkpoint reads its own pool; nothing reads a tier in RAM
+
+    def check_chunks(self, name: str, chunks: list[Chunk]) -> list[str]:
+        return [f"{name}: chunk {c.index} has {len(c.ids)} tokens; MemoryLLM checkpoints were "
+                f"trained on injections of at least {MIN_INJECTION} and may be disturbed by shorter ones"
+                for c in chunks if len(c.ids) < MIN_INJECTION]
+
+    def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update: inject the chunk, drop rows with the recorded seed, append its rows."""
-        if self.state is None:
-            raise RuntimeError("load the memory's state before writing")
+        self.ensure_state()
+        engine = self.engine
         seed = self.next_seed()
         engine.set_state(self.state)
         before = len(self.state["rows"][0])
@@ -151,8 +176,77 @@ class TrainedMemory(Ledger):
 
     # -- reading ---------------------------------------------------------------------
 
+    def ensure_state(self) -> dict:
+        """The engine state, rebuilt from the blocks the first time it is needed."""
+        if self.state is None:
+            self.state = self.rebuild(self.engine, self.library)
+        return self.state
+
+    def read(self, question: str, budget: int, sampling: Sampling) -> Reading:
+        """The official generation over the whole pool (no budget: the checkpoint reads its
+        pool itself); for M+, the documents its retriever chose are cited."""
+        lm = self.lm
+        lm.engine.set_state(self.ensure_state())
+        ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
+        reading = Reading(iter(()), {})
+        reading.tokens = self._stream(ids, sampling, reading)
+        return reading
+
+    def _stream(self, ids: torch.Tensor, sampling: Sampling, reading: Reading) -> Iterator[int]:
+        """For M+, once its retriever has chosen (at the prompt's forward pass), the documents
+        the chosen long-term rows came from go into the reading's info."""
+        lm = self.lm
+        options = {k: v for k, v in vars(sampling).items() if k != "max_new_tokens"}
+        stream = lm.engine.stream(ids, sampling.max_new_tokens, stop_ids=lm.stop_ids(), **options)
+        cited = not self.mplus
+        for token, _ in stream:
+            if not cited:
+                reading.info["sources"], cited = self._retrieved(), True
+            yield token
+        if not cited:
+            reading.info["sources"] = self._retrieved()
+
+    def _retrieved(self) -> list[dict]:
+        """M+: documents by the share of long-term rows its retriever placed before the pool."""
+        engine, counts = self.engine, {}
+        for i, chosen in enumerate(engine.retrieved):
+            block, _ = split_ids(torch.cat([engine.ltm_ids[i], engine.cached_ids[i]])[chosen])
+            for b in block.tolist():
+                counts[b] = counts.get(b, 0) + 1
+        total = sum(counts.values()) or 1
+        merged: dict[tuple[int, int], dict] = {}
+        for b, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            source = self.meta["block_sources"][b] if 0 <= b < len(self.meta["block_sources"]) else -1
+            if source < 0:
+                continue  # the checkpoint's own long-term rows
+            key = (source, self.meta["block_chunks"][b])
+            row = merged.setdefault(key, {"source": self.sources[source]["name"], "chunk": key[1], "score": 0.0,
+                                          "rows": 0, "excerpt": ""})
+            row["score"] += n / total
+            row["rows"] += n
+            if not row["excerpt"] and self.library is not None and self.library.has_block(self.blocks[b]):
+                row["excerpt"] = excerpt(self.lm.tokenizer, self.library.read_block_ids(self.blocks[b]))
+        out = sorted(merged.values(), key=lambda r: -r["score"])
+        for row in out:
+            row["score"] = round(row["score"], 3)
+        return out
+
+    # -- counts ------------------------------------------------------------------------
+
     def held_per_source(self) -> list[int]:
         return self._per_source(self.index["source"])
+
+    def written(self, source: dict) -> int:
+        return source.get("rows", source["tokens"])
+
+    def per_update(self) -> float:
+        return float(self.write_context)  # K rows per injection
+
+    def forecast_base(self) -> int:
+        return self.pool_size  # the pool is always full: the checkpoint's rows fill the rest
+
+    def _long_term_entry(self, source: dict, long_term: int) -> dict:
+        return {"rows_written": source.get("rows", 0), "long_term_rows": long_term}
 
     def long_term_per_source(self) -> list[int]:
         """M+: long-term rows (and rows waiting to merge) per document, per layer."""
@@ -166,6 +260,85 @@ class TrainedMemory(Ledger):
         source = source.flatten().to(torch.int64)
         counts = torch.bincount(source[source >= 0], minlength=len(self.sources))
         return [round(int(c) / self.layers) for c in counts]
+
+    # -- stored versions ---------------------------------------------------------------
+
+    @classmethod
+    def pool_keys(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[tuple, tuple[str, str]]:
+        """Rows are dropped per layer: a key is (layer, block, row); the checkpoint's own
+        rows count as one source."""
+        blocks, sources = meta["blocks"], meta["sources"]
+        block = tensors["block"]  # (L, N)
+        layer = torch.arange(block.shape[0]).repeat_interleave(block.shape[-1])
+        out = {}
+        for k, (blk, row, src) in enumerate(zip(block.flatten().tolist(), tensors["row"].flatten().tolist(),
+                                                tensors["source"].flatten().tolist(), strict=True)):
+            source = sources[src] if src >= 0 else {"sha256": "", "name": "<checkpoint memory>"}
+            out[(int(layer[k]), blocks[blk], row)] = (source["sha256"], source["name"])
+        return out
+
+    @classmethod
+    def version_layers(cls, meta: dict) -> int:
+        return int(meta["layers"])
+
+    @classmethod
+    def version_forecast(cls, meta: dict) -> tuple[float, int]:
+        return float(meta["write_context"]), int(meta["pool_size"])
+
+    @classmethod
+    def version_written(cls, source: dict) -> int:
+        return source.get("rows", source["tokens"])
+
+    @classmethod
+    def without_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict,
+                       gone: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Pool rows of these blocks go back to the checkpoint's; long-term rows go; then
+        the blocks are renumbered."""
+        blocks = meta.get("blocks", [])
+        kept = [i for i in range(len(blocks)) if i not in set(gone)]
+        remap = torch.full((len(blocks),), -1, dtype=torch.int64)
+        remap[kept] = torch.arange(len(kept))
+        out = drop_blocks(tensors, gone, meta["layers"])
+        for key in block_tensors(out):
+            out[key] = remap[out[key].to(torch.int64)].to(torch.int32)
+        return out, {k: [meta[k][i] for i in kept] for k in ("block_sources", "block_chunks")}
+
+    @classmethod
+    def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:
+        blocks = meta.get("blocks", [])
+        held = set()
+        for key in block_tensors(tensors):  # the pool's, and M+'s long-term and waiting rows
+            held.update(blocks[i] for i in tensors[key].flatten().unique().tolist() if i >= 0)
+        return held
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def nll(self, ids: list[int]) -> tuple[float, int]:
+        x = torch.tensor(ids)
+        self.engine.set_state(self.ensure_state())
+        logits = self.engine.forward(x)
+        return float(F.cross_entropy(logits[:-1].float().cpu(), x[1:], reduction="sum")), len(ids) - 1
+
+    def layer_stats(self) -> list[dict]:
+        rows = self.ensure_state()["rows"]
+        return [{"layer": i, "mean_norm": float(r.float().norm(dim=-1).mean()),
+                 "max_norm": float(r.float().norm(dim=-1).max())} for i, r in enumerate(rows)]
+
+    def stored_form(self) -> None:
+        return None  # rows per layer refer to the checkpoint's own: no per-token disk figure
+
+    @classmethod
+    def plain_forward(cls, lm: LoadedModel, ids: list[int]) -> None:
+        """The checkpoint without its memory."""
+        engine = lm.engine
+        state = engine.state()
+        engine.initialized = False
+        engine.forward(torch.tensor(ids))
+        engine.set_state(state)
+
+    @classmethod
+    def window(cls, lm: LoadedModel) -> int:
+        return lm.engine.c.raw.get("max_position_embeddings", 4096) - 1024
 
     # -- versions --------------------------------------------------------------------
 
@@ -194,14 +367,13 @@ class TrainedMemory(Ledger):
     def version_record(self, op: str, message: str = "", **extra) -> tuple[dict[str, torch.Tensor], dict]:
         if self.pending:
             raise RuntimeError("settle pending blocks before recording a version")
-        meta = {**self.ledger_meta(op, message, len(self)), "kind": KIND, "layers": self.layers, **self.meta, **extra}
+        meta = {**self.ledger_meta(op, message, len(self)), "layers": self.layers, **self.meta, **extra}
         meta["stats"]["added"] = sum(u.get("rows", 0) for u in self.updates)  # rows per layer, as the rest
         return dict(self.index), meta
 
     @classmethod
-    def from_version(cls, version: str, tensors: dict[str, torch.Tensor], meta: dict,
-                     engine: OfficialMemoryLLM | None = None, read: BlockReader | None = None) -> TrainedMemory:
-        """A memory from a stored version; with an engine and a block reader, its state too."""
+    def load(cls, version: str, tensors: dict[str, torch.Tensor], meta: dict, lm: LoadedModel | None,
+             library: BlockSource | None, *, states: bool = True) -> TrainedMemory:
         try:
             memory = cls(
                 pool_size=meta["pool_size"], write_context=meta["write_context"], dtype=meta["dtype"],
@@ -209,15 +381,15 @@ class TrainedMemory(Ledger):
                 meta={k: meta[k] for k in ("initialized", "checkpoint_initialized", "update_step", "block_sources",
                                            "block_chunks", "mplus")},
                 sources=meta["sources"], blocks=meta["blocks"], seed=meta["seed"],
-                update_count=meta["update_count"], head=version, engine=engine,
+                update_count=meta["update_count"], head=version, lm=lm, library=library,
             )
         except (KeyError, TypeError) as err:
             raise StoreError(f"version {version[:12]} is damaged: {err}") from None
-        if engine is not None and read is not None:
-            memory.state = memory.rebuild(engine, read)
+        if states and lm is not None and library is not None:
+            memory.state = memory.rebuild(lm.engine, library)
         return memory
 
-    def rebuild(self, engine: OfficialMemoryLLM, read: BlockReader) -> dict:
+    def rebuild(self, engine: OfficialMemoryLLM, library: BlockSource) -> dict:
         """The engine state this version describes, reading only the block rows it holds."""
         if engine.c.layers != self.layers or isinstance(engine, MPlus) != self.mplus:
             raise StoreError("the memory was written by a different kind of checkpoint")
@@ -237,7 +409,7 @@ class TrainedMemory(Ledger):
         fetched = {}
         for b, rows in wanted.items():
             rows = sorted(rows)
-            got = read(self.blocks[b], rows, names)
+            got = library.read_block_rows(self.blocks[b], rows, names)
             fetched[b] = (torch.tensor(rows), got)
 
         def gather(i: int, block: torch.Tensor, row: torch.Tensor, name: str, own: list, own_ltm: list | None):

@@ -9,6 +9,8 @@
     <name>/refs/HEAD, refs/tags/<tag>  a version id each, replaced atomically
     <name>/journal.jsonl               append-only log of every operation
     <name>/lock                        writers hold it while they read-modify-write
+    <name>/cache/<key>/                derived data (the recall index of a version), rebuilt
+                                       when missing; never exported
 
 Blocks and versions are named by the SHA-256 of their bytes, so `verify` can check every
 file, identical content is stored once, and no file is ever rewritten. Every file is written
@@ -17,6 +19,9 @@ a crash at any instant leaves HEAD at the last committed version (and, at worst,
 files that `gc` removes). Everything is user-only: 0700 directories, 0600 files.
 
 The store knows tensors and JSON, not models: the service decides what they mean.
+`Store(home).open(name)` gives the handle of one memory (`Repo`): it owns that memory's
+paths, its lock, its cache folder and its atomic writes, so no other module builds a path
+inside a memory's folder.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .errors import Busy, InputError, MemoryNotFound, StoreError
+from ..errors import Busy, InputError, MemoryNotFound, StoreError
 
 FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -57,59 +61,71 @@ class Verification:
 
 
 class Store:
+    """The memories under one home directory."""
+
     def __init__(self, home: Path) -> None:
         self.root = Path(home) / "memories"
-
-    # -- memories --------------------------------------------------------------------
-
-    def path(self, name: str) -> Path:
-        if not _NAME.match(name):
-            raise MemoryNotFound(
-                f"invalid memory name {name!r}",
-                hint="use letters, digits, '.', '_' and '-' (at most 64, not starting with '.')",
-            )
-        return self.root / name
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / INFO).is_file())
 
-    def exists(self, name: str) -> bool:
-        return (self.path(name) / INFO).is_file()
+    def open(self, name: str) -> Repo:
+        """The handle of memory `name` (which need not exist yet)."""
+        if not _NAME.match(name):
+            raise MemoryNotFound(
+                f"invalid memory name {name!r}",
+                hint="use letters, digits, '.', '_' and '-' (at most 64, not starting with '.')",
+            )
+        return Repo(self, name, self.root / name)
 
-    def create(self, name: str, info: dict) -> None:
-        folder = self.path(name)
-        _private_dir(self.root)
+
+class Repo:
+    """One memory's folder: its objects, refs, journal, lock and caches."""
+
+    def __init__(self, store: Store, name: str, folder: Path) -> None:
+        self.store = store
+        self.name = name
+        self.folder = folder
+
+    # -- the memory --------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return (self.folder / INFO).is_file()
+
+    def create(self, info: dict) -> None:
+        folder = self.folder
+        _private_dir(self.store.root)
         for sub in ("", "blocks", "versions", "refs", "refs/tags"):
             _private_dir(folder / sub)
         _atomic_write(folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
-    def info(self, name: str) -> dict:
-        path = self.path(name) / INFO
+    def info(self) -> dict:
+        path = self.folder / INFO
         if not path.is_file():
-            raise MemoryNotFound(f"no memory named {name!r}", hint=_known(self.names()))
+            raise MemoryNotFound(f"no memory named {self.name!r}", hint=_known(self.store.names()))
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StoreError(f"memory {name!r} is damaged: cannot read {path}: {err}") from None
-        _check_format(name, info.get("format"))
+            raise StoreError(f"memory {self.name!r} is damaged: cannot read {path}: {err}") from None
+        _check_format(self.name, info.get("format"))
         return info
 
-    def set_format(self, name: str, info: dict) -> None:
-        _atomic_write(self.path(name) / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
+    def set_format(self, info: dict) -> None:
+        _atomic_write(self.folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
     @contextlib.contextmanager
-    def lock(self, name: str, timeout: float) -> Iterator[None]:
-        folder = self.path(name)
-        _private_dir(self.root)
+    def lock(self, timeout: float) -> Iterator[None]:
+        folder = self.folder
+        _private_dir(self.store.root)
         _private_dir(folder)
         lock = FileLock(str(folder / "lock"), timeout=timeout, mode=0o600)
         try:
             lock.acquire()
         except Timeout:
             raise Busy(
-                f"memory {name!r} is busy: another memllm process has been writing to it for over {timeout:.0f} s",
+                f"memory {self.name!r} is busy: another memllm process has been writing to it for over {timeout:.0f} s",
                 hint="wait for it to finish, or raise lock_timeout in the config file",
             ) from None
         try:
@@ -117,19 +133,19 @@ class Store:
         finally:
             lock.release()
 
-    def disk_bytes(self, name: str) -> int:
-        folder = self.path(name)
+    def disk_bytes(self) -> int:
+        folder = self.folder
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
     # -- immutable objects: blocks and versions ----------------------------------------
 
-    def write_block(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    def write_block(self, tensors: dict[str, torch.Tensor], meta: dict) -> str:
         """Store the tokens of one update; tensors are token-major (T, ...). Returns its id."""
-        return self._put(name, "blocks", tensors, meta)
+        return self._put("blocks", tensors, meta)
 
-    def read_block_rows(self, name: str, block: str, rows: list[int] | None, keys: tuple[str, ...]) -> dict:
+    def read_block_rows(self, block: str, rows: list[int] | None, keys: tuple[str, ...]) -> dict:
         """Rows of a block's tensors (None: all), read through a memory map: only those rows are read."""
-        path = self._object(name, "blocks", block)
+        path = self._object("blocks", block)
         try:
             with safe_open(path, framework="pt") as f:
                 out = {}
@@ -142,61 +158,61 @@ class Store:
                     out[key] = torch.cat(parts) if parts else None
                 return out
         except (OSError, SafetensorError) as err:
-            raise StoreError(f"memory {name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+            raise StoreError(f"memory {self.name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
 
-    def has_block(self, name: str, block: str) -> bool:
-        return (self.path(name) / "blocks" / f"{block}.safetensors").is_file()
+    def has_block(self, block: str) -> bool:
+        return (self.folder / "blocks" / f"{block}.safetensors").is_file()
 
-    def read_block_ids(self, name: str, block: str) -> list[int] | None:
+    def read_block_ids(self, block: str) -> list[int] | None:
         """The token ids a block's tokens were written from, or None for blocks written
         before blocks kept them."""
-        path = self._object(name, "blocks", block)
+        path = self._object("blocks", block)
         try:
             with safe_open(path, framework="pt") as f:
                 return f.get_tensor("ids").tolist() if "ids" in f.keys() else None
         except (OSError, SafetensorError) as err:
-            raise StoreError(f"memory {name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+            raise StoreError(f"memory {self.name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
 
-    def block_meta(self, name: str, block: str) -> dict:
-        return self._meta(self._object(name, "blocks", block))
+    def block_meta(self, block: str) -> dict:
+        return self._meta(self._object("blocks", block))
 
-    def write_version(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
-        return self._put(name, "versions", tensors, meta)
+    def write_version(self, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+        return self._put("versions", tensors, meta)
 
-    def read_version(self, name: str, version: str) -> tuple[dict[str, torch.Tensor], dict]:
-        path = self._object(name, "versions", version)
+    def read_version(self, version: str) -> tuple[dict[str, torch.Tensor], dict]:
+        path = self._object("versions", version)
         try:
             with safe_open(path, framework="pt") as f:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
                 meta = json.loads((f.metadata() or {}).get("memllm", "null"))
         except (OSError, SafetensorError, json.JSONDecodeError) as err:
-            raise StoreError(f"memory {name!r} is damaged: version {version[:12]} cannot be read: {err}") from None
+            raise StoreError(f"memory {self.name!r} is damaged: version {version[:12]} cannot be read: {err}") from None
         if not isinstance(meta, dict):
-            raise StoreError(f"memory {name!r} is damaged: version {version[:12]} has no metadata")
+            raise StoreError(f"memory {self.name!r} is damaged: version {version[:12]} has no metadata")
         return tensors, meta
 
-    def version_meta(self, name: str, version: str) -> dict:
-        return self._meta(self._object(name, "versions", version))
+    def version_meta(self, version: str) -> dict:
+        return self._meta(self._object("versions", version))
 
-    def versions(self, name: str) -> list[str]:
-        return sorted(p.name.removesuffix(".safetensors") for p in (self.path(name) / "versions").glob("*.safetensors"))
+    def versions(self) -> list[str]:
+        return sorted(p.name.removesuffix(".safetensors") for p in (self.folder / "versions").glob("*.safetensors"))
 
-    def blocks(self, name: str) -> list[str]:
-        return sorted(p.name.removesuffix(".safetensors") for p in (self.path(name) / "blocks").glob("*.safetensors"))
+    def blocks(self) -> list[str]:
+        return sorted(p.name.removesuffix(".safetensors") for p in (self.folder / "blocks").glob("*.safetensors"))
 
-    def _put(self, name: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    def _put(self, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"memllm": json.dumps(meta)})
         digest = hashlib.sha256(data).hexdigest()
-        path = self.path(name) / kind / f"{digest}.safetensors"
+        path = self.folder / kind / f"{digest}.safetensors"
         if not path.exists():
             _private_dir(path.parent)
             _atomic_write(path, data)
         return digest
 
-    def _object(self, name: str, kind: str, digest: str) -> Path:
-        path = self.path(name) / kind / f"{digest}.safetensors"
+    def _object(self, kind: str, digest: str) -> Path:
+        path = self.folder / kind / f"{digest}.safetensors"
         if not path.is_file():
-            raise StoreError(f"memory {name!r} is damaged: {kind[:-1]} {digest[:12]} is missing")
+            raise StoreError(f"memory {self.name!r} is damaged: {kind[:-1]} {digest[:12]} is missing")
         return path
 
     @staticmethod
@@ -209,81 +225,81 @@ class Store:
 
     # -- refs ------------------------------------------------------------------------
 
-    def head(self, name: str) -> str | None:
-        return self._ref(name, "HEAD")
+    def head(self) -> str | None:
+        return self._ref("HEAD")
 
-    def set_head(self, name: str, version: str) -> None:
-        self._set_ref(name, "HEAD", version)
+    def set_head(self, version: str) -> None:
+        self._set_ref("HEAD", version)
 
-    def tags(self, name: str) -> dict[str, str]:
-        folder = self.path(name) / "refs" / "tags"
+    def tags(self) -> dict[str, str]:
+        folder = self.folder / "refs" / "tags"
         if not folder.is_dir():
             return {}
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-        return {tag: self._ref(name, f"tags/{tag}") for tag in names}
+        return {tag: self._ref(f"tags/{tag}") for tag in names}
 
-    def set_tag(self, name: str, tag: str, version: str) -> None:
+    def set_tag(self, tag: str, version: str) -> None:
         if not _NAME.match(tag) or tag == "HEAD":
             raise InputError(f"invalid snapshot name {tag!r}", hint="use letters, digits, '.', '_' and '-'")
-        self._set_ref(name, f"tags/{tag}", version)
+        self._set_ref(f"tags/{tag}", version)
 
-    def delete_tag(self, name: str, tag: str) -> None:
-        path = self.path(name) / "refs" / "tags" / tag
+    def delete_tag(self, tag: str) -> None:
+        path = self.folder / "refs" / "tags" / tag
         if not _NAME.match(tag) or not path.is_file():
-            raise InputError(f"no snapshot named {tag!r}", hint=_known(list(self.tags(name)), "snapshots"))
+            raise InputError(f"no snapshot named {tag!r}", hint=_known(list(self.tags()), "snapshots"))
         path.unlink()
         _fsync_dir(path.parent)
 
-    def resolve(self, name: str, spec: str) -> str:
+    def resolve(self, spec: str) -> str:
         """A version id from HEAD, HEAD~N, a snapshot name, or a unique id prefix."""
         base, _, back = spec.partition("~")
         if base == "HEAD":
-            version = self.head(name)
+            version = self.head()
             if version is None:
-                raise MemoryNotFound(f"memory {name!r} has no versions yet")
-        elif base in (tags := self.tags(name)):
+                raise MemoryNotFound(f"memory {self.name!r} has no versions yet")
+        elif base in (tags := self.tags()):
             version = tags[base]
         else:
-            matches = [v for v in self.versions(name) if re.fullmatch(r"[0-9a-f]{4,64}", base) and v.startswith(base)]
+            matches = [v for v in self.versions() if re.fullmatch(r"[0-9a-f]{4,64}", base) and v.startswith(base)]
             if len(matches) != 1:
                 problem = "is ambiguous" if matches else "is neither a snapshot nor a version"
                 raise InputError(
-                    f"{spec!r} {problem} in memory {name!r}", hint="see memllm log and memllm snapshot list"
+                    f"{spec!r} {problem} in memory {self.name!r}", hint="see memllm log and memllm snapshot list"
                 )
             version = matches[0]
         if back and not back.isdigit():
             raise InputError(f"{spec!r}: expected a number of versions after '~'")
         steps = int(back) if back else (1 if "~" in spec else 0)
         for _ in range(steps):
-            parent = self.version_meta(name, version).get("parent")
+            parent = self.version_meta(version).get("parent")
             if parent is None:
-                raise InputError(f"{spec!r} goes back past the first version of memory {name!r}")
-            if not (self.path(name) / "versions" / f"{parent}.safetensors").is_file():
-                raise InputError(f"{spec!r} goes back past what gc kept of memory {name!r}'s history")
+                raise InputError(f"{spec!r} goes back past the first version of memory {self.name!r}")
+            if not (self.folder / "versions" / f"{parent}.safetensors").is_file():
+                raise InputError(f"{spec!r} goes back past what gc kept of memory {self.name!r}'s history")
             version = parent
         return version
 
-    def _ref(self, name: str, ref: str) -> str | None:
-        path = self.path(name) / "refs" / ref
+    def _ref(self, ref: str) -> str | None:
+        path = self.folder / "refs" / ref
         try:
             value = path.read_text().strip()
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise StoreError(f"memory {name!r} is damaged: cannot read refs/{ref}: {err}") from None
+            raise StoreError(f"memory {self.name!r} is damaged: cannot read refs/{ref}: {err}") from None
         if not _SHA.match(value):
-            raise StoreError(f"memory {name!r} is damaged: refs/{ref} does not name a version")
+            raise StoreError(f"memory {self.name!r} is damaged: refs/{ref} does not name a version")
         return value
 
-    def _set_ref(self, name: str, ref: str, version: str) -> None:
-        path = self.path(name) / "refs" / ref
+    def _set_ref(self, ref: str, version: str) -> None:
+        path = self.folder / "refs" / ref
         _private_dir(path.parent)
         _atomic_write(path, f"{version}\n".encode())
 
     # -- journal -----------------------------------------------------------------------
 
-    def log_operation(self, name: str, entry: dict) -> None:
-        path = self.path(name) / "journal.jsonl"
+    def log_operation(self, entry: dict) -> None:
+        path = self.folder / "journal.jsonl"
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -293,23 +309,49 @@ class Store:
         finally:
             os.close(fd)
 
-    def journal(self, name: str) -> list[dict]:
-        path = self.path(name) / "journal.jsonl"
-        if not path.is_file():
-            return []
-        entries = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
-                entries.append(json.loads(line))
-        return entries
+    def journal(self) -> list[dict]:
+        """The journal's entries; lines that are not entries are left out (see `_journal`)."""
+        return self._journal()[0]
+
+    def _journal(self) -> tuple[list[dict], list[int]]:
+        """The entries, and the numbers of damaged lines. A line that is the start of a JSON
+        object cut short (a write a crash interrupted) is skipped silently: the journal is
+        append-only and the next write starts a new line after it. Anything else that is not
+        a JSON object (other bytes, text that is not UTF-8) is damage."""
+        path = self.folder / "journal.jsonl"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return [], []
+        except OSError as err:
+            raise StoreError(f"memory {self.name!r} is damaged: cannot read journal.jsonl: {err}") from None
+        entries, damaged = [], []
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                entry = json.loads(line)
+            except UnicodeDecodeError:
+                damaged.append(number)
+                continue
+            except json.JSONDecodeError:
+                if not (line.startswith('{"') and line.isprintable()):
+                    damaged.append(number)
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                damaged.append(number)
+        return entries, damaged
 
     # -- integrity and space ---------------------------------------------------------------
 
-    def verify(self, name: str, progress: Callable[[int], None] | None = None) -> Verification:
+    def verify(self, progress: Callable[[int], None] | None = None) -> Verification:
         """Check every block's and version's checksum, every reference, and the refs."""
         report = Verification()
-        folder = self.path(name)
-        blocks, versions = self.blocks(name), self.versions(name)
+        folder = self.folder
+        blocks, versions = self.blocks(), self.versions()
         good_blocks: dict[str, int] = {}
         for kind, ids in (("blocks", blocks), ("versions", versions)):
             for digest in ids:
@@ -326,13 +368,13 @@ class Store:
                 if progress:
                     progress(1)
         damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
-        pruned = self.pruned(name)
-        pruned_blocks = self.pruned_blocks(name)
+        pruned = self.pruned()
+        pruned_blocks = self.pruned_blocks()
         for version in versions:
             if version[:12] in damaged_versions:
                 continue
             try:
-                tensors, meta = self.read_version(name, version)
+                tensors, meta = self.read_version(version)
             except StoreError as err:
                 report.damaged.append(f"version {version[:12]}: {err.message}")
                 continue
@@ -350,50 +392,54 @@ class Store:
             parent = meta.get("parent")
             if parent and parent not in versions and parent not in pruned:
                 report.damaged.append(f"version {version[:12]}: parent {parent[:12]} is missing")
-        refs = {"HEAD": self._safe_ref(name, "HEAD", report)} | {
-            f"tags/{t}": self._safe_ref(name, f"tags/{t}", report)
+        refs = {"HEAD": self._safe_ref("HEAD", report)} | {
+            f"tags/{t}": self._safe_ref(f"tags/{t}", report)
             for t in (os.listdir(folder / "refs" / "tags") if (folder / "refs" / "tags").is_dir() else [])
             if not t.startswith(".")
         }
         for ref, version in refs.items():
             if version and version not in versions:
                 report.damaged.append(f"refs/{ref}: version {version[:12]} is missing")
+        _, torn = self._journal()
+        if torn:
+            lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
+            report.damaged.append(f"journal.jsonl: line {lines} is not a journal entry")
         report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs)}
         return report
 
-    def _safe_ref(self, name: str, ref: str, report: Verification) -> str | None:
+    def _safe_ref(self, ref: str, report: Verification) -> str | None:
         try:
-            return self._ref(name, ref)
+            return self._ref(ref)
         except StoreError as err:
             report.damaged.append(err.message.split(": ", 1)[-1])
             return None
 
-    def reachable(self, name: str, depth: int | None = None) -> set[str]:
+    def reachable(self, depth: int | None = None) -> set[str]:
         """Versions reachable from HEAD and the snapshots through parents; with `depth`, only
         the ref itself and its depth - 1 nearest ancestors."""
         seen: set[str] = set()
-        present = set(self.versions(name))
-        todo = [(v, 1) for v in [self.head(name), *self.tags(name).values()] if v]
+        present = set(self.versions())
+        todo = [(v, 1) for v in [self.head(), *self.tags().values()] if v]
         while todo:
             version, level = todo.pop()
             if version in seen or version not in present:
                 continue
             seen.add(version)
-            parent = self.version_meta(name, version).get("parent")
+            parent = self.version_meta(version).get("parent")
             if parent and (depth is None or level < depth):
                 todo.append((parent, level + 1))
         return seen
 
-    def pruned(self, name: str) -> set[str]:
+    def pruned(self) -> set[str]:
         """Versions that gc deleted on purpose (their children's parent links dangle)."""
-        return {v for e in self.journal(name) if e.get("op") == "gc" for v in e.get("pruned", [])}
+        return {v for e in self.journal() if e.get("op") == "gc" for v in e.get("pruned", [])}
 
-    def pruned_blocks(self, name: str) -> set[str]:
+    def pruned_blocks(self) -> set[str]:
         """Long-term blocks that gc deleted on purpose (versions still list them, no pool row uses them)."""
-        return {b for e in self.journal(name) if e.get("op") == "gc" for b in e.get("pruned_blocks", [])}
+        return {b for e in self.journal() if e.get("op") == "gc" for b in e.get("pruned_blocks", [])}
 
-    def delete_objects(self, name: str, kind: str, ids: list[str]) -> int:
-        folder = self.path(name) / kind
+    def delete_objects(self, kind: str, ids: list[str]) -> int:
+        folder = self.folder / kind
         freed = 0
         for digest in ids:
             path = folder / f"{digest}.safetensors"
@@ -403,84 +449,55 @@ class Store:
         _fsync_dir(folder)
         return freed
 
-    def remove_if_empty(self, name: str) -> None:
+    def remove_if_empty(self) -> None:
         """Remove a memory folder that never got its memory.json (a failed import or create)."""
-        folder = self.path(name)
+        folder = self.folder
         if folder.is_dir() and not (folder / INFO).exists():
             shutil.rmtree(folder, ignore_errors=True)
 
-    def remove_temporaries(self, name: str) -> int:
+    def remove_temporaries(self) -> int:
         freed = 0
-        for path in self.path(name).rglob(".*.tmp"):
+        for path in self.folder.rglob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size
                 path.unlink()
         return freed
 
-    # -- export and import -------------------------------------------------------------
+    # -- caches (derived data, rebuilt when missing or damaged) --------------------------
 
-    def export(self, name: str, target: Path) -> int:
-        """An uncompressed tar (the tensors do not compress) of everything but the lock."""
-        folder = self.path(name)
-        members = [INFO, "journal.jsonl"] + [
-            str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
-            for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
-        ]
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            with tarfile.open(tmp, "w") as tar:
-                for member in members:
-                    if (folder / member).is_file():
-                        tar.add(folder / member, arcname=f"memllm-memory/{member}", recursive=False)
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return len(members)
+    def cached(self, key: str) -> Path | None:
+        """The cache folder published under `key`, or None."""
+        folder = self.folder / "cache" / key
+        return folder if folder.is_dir() else None
 
-    def import_(self, name: str, source: Path) -> Verification:
-        """Unpack an export into a new memory; it only appears if it verifies."""
-        folder = self.path(name)
-        staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=self.root))
+    def write_cache(self, key: str, fill: Callable[[Path], None]) -> None:
+        """Publish a cache folder under `key`: `fill` writes it in a private temporary folder,
+        which is renamed into place; every other cache entry is removed (one key is live)."""
+        cache = self.folder / "cache"
+        _private_dir(cache)
+        tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=cache))
         try:
+            fill(tmp)
+            for file in tmp.iterdir():
+                file.chmod(0o600)
             try:
-                with tarfile.open(source, "r:*") as tar:
-                    for member in tar.getmembers():
-                        parts = Path(member.name).parts
-                        if not member.isfile() or len(parts) < 2 or parts[0] != "memllm-memory" or ".." in parts:
-                            raise InputError(f"{source} is not a memllm export (unexpected entry {member.name!r})")
-                    tar.extractall(staging, filter="data")
-            except tarfile.TarError:
-                raise InputError(f"{source} is not a memllm export (not a tar archive)") from None
-            except OSError as err:
-                raise InputError(f"cannot read {source}: {err.strerror or err}") from None
-            unpacked = staging / "memllm-memory"
-            if not (unpacked / INFO).is_file():
-                raise InputError(f"{source} is not a memllm export (no {INFO})")
-            for path in [unpacked, *unpacked.rglob("*")]:
-                path.chmod(0o700 if path.is_dir() else 0o600)
-            for sub in ("blocks", "versions", "refs/tags"):
-                _private_dir(unpacked / sub)
-            staged = Store.__new__(Store)  # verify the unpacked copy before it becomes visible
-            staged.root = staging
-            _check_format(name, staged.info(unpacked.name).get("format"))
-            report = staged.verify(unpacked.name)
-            if not report.ok:
-                raise StoreError(f"{source} is damaged: " + "; ".join(report.damaged[:3]))
-            _private_dir(folder)
-            # memory.json moves last: until it is there, the memory does not exist
-            for item in sorted(unpacked.iterdir(), key=lambda p: p.name == INFO):
-                os.replace(item, folder / item.name)
-            _fsync_dir(folder)
-            return report
+                tmp.rename(cache / key)
+            except OSError:
+                pass  # another process published it meanwhile
+            for old in cache.iterdir():
+                if old.name != key and not old.name.startswith("."):
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def drop_cache(self, key: str | None = None) -> None:
+        """Remove one cache entry, or all of them (they may hold the text of purged documents)."""
+        shutil.rmtree(self.folder / "cache" / key if key else self.folder / "cache", ignore_errors=True)
 
     # -- format 1 (a single pool file), for the migration ------------------------------------
 
-    def read_legacy_pool(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-        path = self.path(name) / "pool.safetensors"
+    def read_legacy_pool(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        path = self.folder / "pool.safetensors"
         if not path.is_file():
             return None
         try:
@@ -488,11 +505,13 @@ class Store:
                 meta = json.loads((f.metadata() or {}).get("memllm", "null"))
                 return {key: f.get_tensor(key) for key in f.keys()}, meta
         except (OSError, SafetensorError, json.JSONDecodeError) as err:
-            raise StoreError(f"memory {name!r} is damaged: cannot read {path}: {err}") from None
+            raise StoreError(f"memory {self.name!r} is damaged: cannot read {path}: {err}") from None
 
-    def remove_legacy_pool(self, name: str) -> None:
+    def remove_legacy_pool(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            (self.path(name) / "pool.safetensors").unlink()
+            (self.folder / "pool.safetensors").unlink()
+
+
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,179 @@
+"""The `memllm` application: global options, and the one place errors become exit codes.
+
+Commands (commands.py, bench.py) parse flags, make one call into the service and render
+the result (render.py). Whatever they raise is translated by `run()` through ERRORS into
+one line on stderr and the exit code docs/cli.md documents; a traceback only with
+MEMLLM_DEBUG=1. The engine (and torch) is imported inside the commands, so `memllm --help`
+starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import MemllmError
+from .render import err
+
+app = typer.Typer(
+    name="memllm",
+    help="Give a language model a memory that keeps learning (MemoryLLM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted; the memory keeps its last committed state"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"memllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    memory: Annotated[
+        str | None, typer.Option("--memory", "-m", help="Memory to use [env: MEMLLM_MEMORY; default: default].")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model: smollm2-135m-instruct (embedded), a directory, a .gguf file or a hub id "
+            "[env: MEMLLM_MODEL; default: the memory's own model].",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu, cuda, cuda:N, or auto (several GPUs: an accelerate device map) "
+                     "[env: MEMLLM_DEVICE; default: cpu]."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="float32, bfloat16 or float16 [env: MEMLLM_DTYPE; default: float32 on the "
+                     "CPU, bfloat16 for MemoryLLM checkpoints on a GPU]."),
+    ] = None,
+    _: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """memllm writes text into a fixed-size latent memory inside every layer of a language
+    model, and answers questions from it. Memories live under MEMLLM_HOME."""
+    ctx.obj = {"memory": memory, "model": model, "device": device, "dtype": dtype}
+    _log_to_stderr()
+
+
+def service(ctx: typer.Context):
+    """The service for this invocation's global options."""
+    from ..service import Memllm
+
+    return Memllm(**ctx.obj)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+Report = tuple[str, str | None, int]  # message, hint, exit code
+
+
+def _domain(e: MemllmError) -> Report:
+    return e.message, e.hint, e.exit_code
+
+
+def _usage(e: typer.TyperException) -> Report:
+    e.show()  # click's own usage message (typer vendors click), as it prints it
+    return "", None, getattr(e, "exit_code", 2)
+
+
+def _file_system(e: OSError) -> Report:  # the disk, not memllm: full, read-only, no permission, closed stdout
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}", None, 1
+
+
+def _aborted(e: typer.Abort) -> Report:  # end of input at a prompt
+    return "aborted; nothing was changed", None, 1
+
+
+def _interrupted(e: KeyboardInterrupt) -> Report:
+    return INTERRUPTED, None, EXIT_INTERRUPTED
+
+
+def _bug(e: Exception) -> Report:
+    return (f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            "this is a bug in memllm: please report it with the output of MEMLLM_DEBUG=1", 1)
+
+
+# The one table: the first class that matches decides the message and the exit code.
+ERRORS: list[tuple[type[BaseException], Callable[..., Report]]] = [
+    (MemllmError, _domain),
+    (typer.TyperException, _usage),
+    (typer.Abort, _aborted),
+    (KeyboardInterrupt, _interrupted),
+    (OSError, _file_system),
+    (Exception, _bug),
+]
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The entry point: run the app, translate what escapes it, exit."""
+    debug = os.environ.get("MEMLLM_DEBUG") == "1"
+    if sys.stdout is None:  # started with stdout closed (>&-): results would vanish
+        err("memllm: error: standard output is closed; redirect it to a file or /dev/null instead")
+        sys.exit(1)
+    try:
+        code = app(args=argv, prog_name="memllm", standalone_mode=False)
+    except SystemExit:
+        raise
+    except BaseException as raised:  # the edge: every error ends here, as one line
+        if debug:
+            raise
+        if isinstance(raised, BrokenPipeError):
+            _reader_gone()
+        handler = next((h for kind, h in ERRORS if isinstance(raised, kind)), None)
+        if handler is None:
+            raise
+        message, hint, code = handler(raised)
+        if message:
+            err(f"memllm: error: {message}")
+        if hint:
+            err(f"memllm: hint: {hint}")
+        _exit(code)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit code, after unwinding the command
+        err(f"memllm: error: {INTERRUPTED}")
+    _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> None:
+    if code == EXIT_INTERRUPTED:
+        # Every `finally` below (temp files, the lock) has run by now. Leave at once: under
+        # load, a SIGINT-killed status (-2) instead of 130 was seen when unwinding further.
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _reader_gone() -> None:
+    """The reader of stdout went away (memllm ... | head): stop quietly, as a pipe expects."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that go nowhere
+    sys.exit(0)
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logger = logging.getLogger("memllm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("memllm: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -1,0 +1,78 @@
+"""Everything memllm shows a person: results on stdout (text or --json), the rest on stderr.
+The only module besides the commands that imports Rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+
+def err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(data, as_json: bool, text: Callable[[], None]) -> None:
+    """The result: as JSON, or as `text()` renders it."""
+    if as_json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        text()
+
+
+def size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def table(*columns: str, title: str | None = None, fold: str | None = None):
+    """A borderless Rich table; the column named `fold` wraps, the others align right."""
+    from rich.table import Table
+
+    t = Table(box=None, title=title)
+    for column in columns:
+        if column == fold:
+            t.add_column(column, overflow="fold")
+        else:
+            t.add_column(column, justify="right")
+    return t
+
+
+def show(renderable) -> None:
+    from rich.console import Console
+
+    Console().print(renderable, highlight=False)
+
+
+def progress_bar(unit: str = "tokens"):
+    """A transient Rich progress bar on stderr that speaks the progress protocol."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    class Bar:
+        def __init__(self) -> None:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+            )
+            self.task = None
+
+        def start(self, total: int, description: str) -> None:
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total)
+
+        def advance(self, amount: int, description: str | None = None) -> None:
+            self.bar.update(self.task, advance=amount, **({"description": description} if description else {}))
+
+        def finish(self) -> None:
+            self.bar.stop()
+
+    return Bar()
+
+
+def interactive() -> bool:
+    """Both ends are a terminal: a person can be asked."""
+    return bool(sys.stdin and sys.stdin.isatty() and sys.stderr and sys.stderr.isatty())

@@ -1,0 +1,311 @@
+"""The training-free memory: a token pool for any Hugging Face decoder, where each token came
+from, and the update log.
+
+The MemoryLLM update rule, training-free: an update writes every token of one chunk (at
+most 512), computed by one forward pass after the pinned sink and the most recent
+`write_context` pool tokens. When the pool would exceed `pool_size` tokens, as many old
+tokens as overflow are dropped uniformly at random first (the same tokens in every
+layer), from a generator whose seed is recorded with the update, so that any sequence of
+updates can be replayed bit for bit. Kept tokens keep their order; new ones go at the end.
+
+On disk each update's tokens become one immutable *block*, and the pool is a *version*:
+the list of (block, row) pairs it holds, in order. Tokens written since the last commit
+point at pending blocks (negative block indices) until the commit writes them.
+
+Reading within a budget (recall.py) puts only the blocks most relevant to the question
+after the sink; a budget of 0 reads the whole pool, as MemoryLLM does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError, StoreError
+from ..model.pool import Pool, drop_uniform
+from ..text.chunking import chunk_document
+from . import recall
+from .base import CHUNK_TOKENS, DTYPES, BlockSource, Memory, Reading, Sampling
+
+if TYPE_CHECKING:
+    from ..model.loading import LoadedModel
+
+# Per token: source id, chunk index, row in its block (= offset in the chunk), block index.
+TAGS = ("source", "chunk", "row", "block")
+DEFAULT_POOL_SIZE = 4096  # see docs/design.md, "Choosing N"
+ANSWER_RESERVE = 1024  # positions kept free after the pool for the question and the answer
+
+
+def sink(lm: LoadedModel) -> Pool:
+    """The pinned prefix every chunk is written after and every question read after,
+    encoded once per loaded model."""
+    if "sink" not in lm.cache:
+        lm.cache["sink"] = lm.engine.encode(torch.tensor(lm.prompt.sink_ids(lm.tokenizer)))
+    return lm.cache["sink"]
+
+
+@dataclass
+class FreeMemory(Memory):
+    kind: ClassVar[str] = "training-free"
+    unit: ClassVar[str] = "tokens"
+
+    pool_size: int  # N: tokens per layer at most
+    write_context: int  # pool tokens a chunk is written after
+    dtype: str  # storage dtype of keys and values
+    pool: Pool  # (L, Hkv, n, hd) with TAGS; keys empty when loaded as an index only
+    sources: list[dict] = field(default_factory=list)  # id = index
+    blocks: list[str] = field(default_factory=list)  # committed block ids; tag "block" indexes it
+    seed: int = field(default_factory=lambda: secrets.randbits(62))
+    update_count: int = 0  # updates since the memory was created
+    head: str | None = None  # the version this state was loaded from or last committed as
+    pending: list[tuple[dict, dict]] = field(default_factory=list)  # blocks not yet written
+    updates: list[dict] = field(default_factory=list)  # updates since the last commit
+    dropped: int = 0  # tokens dropped since the last commit
+    keep_blocks: bool = True  # False for memories that are never stored (evaluation): no pending copies
+    has_states: bool = True  # False when loaded as an index only (status, diff, forget, reading within a budget)
+    lm: LoadedModel | None = None
+    library: BlockSource | None = None
+
+    # -- create, load ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
+               dtype: str | None = None, seed: int | None = None) -> FreeMemory:
+        engine = lm.engine
+        window = engine.max_positions - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
+        pool_size = pool_size if pool_size is not None else min(DEFAULT_POOL_SIZE, window)
+        if not CHUNK_TOKENS <= pool_size <= window:
+            raise ModelError(
+                f"a pool of {pool_size} tokens does not fit: it must hold one chunk ({CHUNK_TOKENS}) "
+                f"and leave room for a question in the model's window ({engine.max_positions})",
+                hint=f"choose a pool_size between {CHUNK_TOKENS} and {window}",
+            )
+        if write_context is None:
+            write_context = pool_size
+        if write_context < 0:
+            raise ModelError(f"write_context must be >= 0, got {write_context}")
+        dtype = dtype or ("float16" if engine.dtype == torch.float32 else str(engine.dtype).removeprefix("torch."))
+        pool = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, DTYPES[dtype], TAGS)
+        memory = cls(pool_size, write_context, dtype, pool, lm=lm)
+        if seed is not None:
+            memory.seed = seed
+        return memory
+
+    @classmethod
+    def load(cls, version: str, tensors: dict[str, torch.Tensor], meta: dict, lm: LoadedModel | None,
+             library: BlockSource | None, *, states: bool = True) -> FreeMemory:
+        if meta.get("dtype") not in DTYPES:
+            raise StoreError(f"version {version[:12]} has an unknown dtype {meta.get('dtype')!r}")
+        try:
+            tags = {name: tensors[name].to(torch.int64) for name in ("block", "row", "source", "chunk")}
+            empty = torch.empty(0, 0, len(tags["block"]), 0)
+            memory = cls(
+                meta["pool_size"], meta["write_context"], meta["dtype"], Pool(empty, empty, tags), meta["sources"],
+                meta["blocks"], meta["seed"], meta["update_count"], version, has_states=False, lm=lm, library=library,
+            )
+        except (KeyError, ValueError, TypeError) as err:
+            raise StoreError(f"version {version[:12]} is damaged: {err}") from None
+        if states:
+            memory.load_states()
+        return memory
+
+    def load_states(self) -> None:
+        """Gather the pool's keys and values from its blocks, reading only the rows it holds."""
+        if self.has_states:
+            return
+        tags = self.pool.tags
+        block, row = tags["block"], tags["row"]
+        if len(block) == 0:
+            engine = self.lm.engine
+            empty = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, DTYPES[self.dtype])
+            self.pool, self.has_states = Pool(empty.keys, empty.values, tags), True
+            return
+        keys = values = None
+        for b in block.unique().tolist():
+            positions = torch.nonzero(block == b).flatten()
+            positions = positions[torch.argsort(row[positions])]
+            got = self.library.read_block_rows(self.blocks[b], row[positions].tolist(), ("keys", "values"))
+            if keys is None:
+                keys = torch.empty(len(block), *got["keys"].shape[1:], dtype=got["keys"].dtype)  # (n, L, Hkv, hd)
+                values = torch.empty_like(keys)
+            keys[positions] = got["keys"]
+            values[positions] = got["values"]
+        # (L, Hkv, n, hd)
+        self.pool = Pool(keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous(), tags)
+        self.has_states = True
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
+        """One update: encode the chunk after sink + recent memory, drop overflow, append."""
+        self.load_states()
+        engine = self.lm.engine
+        context = sink(self.lm) + self.pool.tail(self.write_context)  # (L, Hkv, s + w, hd)
+        new = engine.encode(torch.tensor(ids, dtype=torch.int64), context).to(DTYPES[self.dtype])  # (L, Hkv, T, hd)
+        count = len(ids)
+        new.tags = {
+            "source": torch.full((count,), source, dtype=torch.int64),
+            "chunk": torch.full((count,), chunk, dtype=torch.int64),
+            "row": torch.arange(count, dtype=torch.int64),
+            "block": torch.full((count,), -1 - len(self.pending), dtype=torch.int64),
+        }
+        seed = self.next_seed()
+        overflow = max(0, len(self.pool) + count - self.pool_size)
+        if overflow:
+            self.pool = self.pool.select(drop_uniform(len(self.pool), overflow, seed))  # (L, Hkv, N - T, hd)
+        self.pool = self.pool + new  # (L, Hkv, <= N, hd)
+        if self.keep_blocks:
+            states = {"keys": new.keys.permute(2, 0, 1, 3), "values": new.values.permute(2, 0, 1, 3),  # (T, L, Hkv, hd)
+                      "ids": torch.tensor(ids, dtype=torch.int32)}  # (T,): the text, for retrieval and excerpts
+            self.pending.append((states, self.block_meta(source, chunk, span, count)))
+        return self.log_update(source, chunk, count, overflow, seed)
+
+    def settle(self, written: list[str]) -> None:
+        block = self.pool.tags["block"]
+        for k, digest in enumerate(written):
+            block[block == -1 - k] = len(self.blocks)
+            self.blocks.append(digest)
+        self.pending.clear()
+
+    def forget(self, sources: set[int]) -> int:
+        """Drop every token of these sources; returns how many were held."""
+        drop = torch.isin(self.pool.tags["source"], torch.tensor(sorted(sources), dtype=torch.int64))
+        self.pool = self.pool.select(torch.nonzero(~drop).flatten())
+        for s in sources:
+            self.sources[s]["forgotten"] = True
+        self.dropped += int(drop.sum())
+        return int(drop.sum())
+
+    def version_record(self, op: str, message: str = "", **extra) -> tuple[dict[str, torch.Tensor], dict]:
+        if self.pending:
+            raise RuntimeError("settle pending blocks before recording a version")
+        tags = self.pool.tags
+        tensors = {name: tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
+        return tensors, {**self.ledger_meta(op, message, len(self)), **extra}
+
+    def prepare_reads(self) -> None:
+        """Build the recall index now, so the next ask finds it ready."""
+        recall.index(self, self.lm.tokenizer)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read(self, question: str, budget: int, sampling: Sampling) -> Reading:
+        """Within a budget: the blocks most relevant to the question (stored ones, or the
+        pending ones of a memory in RAM) after the sink; 0: the whole pool."""
+        lm = self.lm
+        ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
+        info: dict = {}
+        context = None
+        if budget:
+            idx = recall.index(self, lm.tokenizer)
+            if idx.candidates:
+                selected = recall.select(idx, question, budget)
+                dtype = DTYPES[self.dtype]
+                engine = lm.engine
+                context = sink(lm) + (recall.read(selected, dtype) if selected else Pool.empty(
+                    engine.layers, engine.kv_heads, engine.head_dim, dtype))
+                info["read_tokens"] = sum(c.tokens for c in selected)
+                info["sources"] = recall.cited(self, selected, lm.tokenizer)
+        if context is None:
+            context = self.context()
+            info["read_tokens"] = len(self)
+        tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), **vars(sampling))
+        return Reading(tokens, info)
+
+    def context(self) -> Pool:
+        self.load_states()
+        return sink(self.lm) + self.pool  # (L, Hkv, s + n, hd)
+
+    # -- counts ------------------------------------------------------------------------
+
+    def held_per_source(self) -> list[int]:
+        return torch.bincount(self.pool.tags["source"], minlength=len(self.sources)).tolist()
+
+    def long_term_per_source(self) -> list[int]:
+        """Tokens per document in the blocks still stored (pool and long-term tier) beyond
+        what the pool holds."""
+        held = self.held_per_source()
+        if self.library is None:
+            return [0] * len(self.sources)
+        by_sha = {s["sha256"]: i for i, s in enumerate(self.sources) if not s.get("forgotten")}
+        stored = [0] * len(self.sources)
+        for digest in self.blocks:
+            if self.library.has_block(digest):
+                meta = self.library.block_meta(digest)
+                i = by_sha.get(meta.get("source_sha256"))
+                if i is not None:
+                    stored[i] += int(meta.get("tokens", 0))
+        return [max(0, s - h) for s, h in zip(stored, held, strict=True)]
+
+    # -- stored versions ---------------------------------------------------------------
+
+    @classmethod
+    def pool_keys(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[tuple, tuple[str, str]]:
+        blocks, sources = meta["blocks"], meta["sources"]
+        out = {}
+        for blk, row, src in zip(tensors["block"].tolist(), tensors["row"].tolist(), tensors["source"].tolist(),
+                                 strict=True):
+            out[(blocks[blk], row)] = (sources[src]["sha256"], sources[src]["name"])
+        return out
+
+    @classmethod
+    def without_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict,
+                       gone: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
+        count = len(meta.get("blocks", []))
+        kept = [i for i in range(count) if i not in set(gone)]
+        remap = torch.full((count,), -1, dtype=torch.int64)
+        remap[kept] = torch.arange(len(kept))
+        block = tensors["block"].to(torch.int64)
+        keep = remap[block] >= 0 if count else torch.ones(len(block), dtype=torch.bool)
+        out = {k: t[keep] for k, t in tensors.items()}
+        out["block"] = remap[block[keep]].to(torch.int32)
+        return out, {}
+
+    @classmethod
+    def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:
+        blocks = meta.get("blocks", [])
+        return {blocks[i] for i in tensors["block"].unique().tolist() if i >= 0}
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def nll(self, ids: list[int]) -> tuple[float, int]:
+        x = torch.tensor(ids)
+        logits = self.lm.engine.forward(x, self.context())
+        return float(F.cross_entropy(logits[:-1].float().cpu(), x[1:], reduction="sum")), len(ids) - 1
+
+    def layer_stats(self) -> list[dict]:
+        self.load_states()
+        keys, values = self.pool.keys.float(), self.pool.values.float()  # (L, Hkv, n, hd)
+        out = []
+        for i in range(keys.shape[0]):
+            k = keys[i].norm(dim=-1)  # (Hkv, n)
+            v = values[i].norm(dim=-1)
+            out.append({"layer": i, "mean_norm": float(v.mean()), "max_norm": float(v.max()),
+                        "key_mean_norm": float(k.mean()), "key_max_norm": float(k.max())})
+        return out
+
+    def stored_form(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The pool as one block's tensors and one version's tensors (for disk estimates)."""
+        pool = self.pool
+        block = {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)}
+        return block, {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
+
+    @classmethod
+    def prompt_answer(cls, lm: LoadedModel, texts: list[str], question: str, sampling: Sampling) -> Iterator[int]:
+        ids = lm.prompt.sink_ids(lm.tokenizer)
+        for text in texts:
+            ids += [i for c in chunk_document(text, lm.tokenizer, CHUNK_TOKENS) for i in c.ids]
+        ids += lm.prompt.question_ids(lm.tokenizer, question)
+        return lm.engine.generate(torch.tensor(ids), None, stop_ids=lm.stop_ids(), **vars(sampling))
+
+    @classmethod
+    def baselines(cls) -> frozenset[str]:
+        return frozenset({"pool", "prompt", "bm25", "closed-book"})

@@ -1,0 +1,326 @@
+"""History: versions, snapshots, rollback, diff, forgetting, integrity, space, archives.
+
+Everything here reads and writes the store through the session's handle; what a stored
+version means (its pool, its blocks, the unit it counts in) comes from the memory kind
+that wrote it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .. import memory
+from ..clock import now
+from ..errors import Busy, InputError, MemoryNotFound
+from ..memory.base import forecast
+from ..store import archive
+from .session import Session
+
+
+class History(Session):
+    # -- versions ----------------------------------------------------------------------
+
+    def log(self, limit: int | None = None) -> list[dict]:
+        """Versions from HEAD back through their parents, newest first."""
+        repo = self.repo
+        self._open()
+        tags: dict[str, list[str]] = {}
+        for tag, version in repo.tags().items():
+            tags.setdefault(version, []).append(tag)
+        out, version = [], repo.head()
+        present = set(repo.versions())
+        while version in present and (limit is None or len(out) < limit):  # stops where gc pruned
+            meta = repo.version_meta(version)
+            out.append({"version": version, "time": meta["time"], "op": meta["op"], "message": meta["message"],
+                        "tags": tags.get(version, []), **meta["stats"], "unit": memory.for_version(meta).unit})
+            version = meta.get("parent")
+        return out
+
+    def snapshot_create(self, tag: str | None = None, message: str = "") -> dict:
+        repo = self.repo
+        with repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            version = repo.resolve("HEAD")
+            tag = tag or "snapshot-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            if tag in repo.tags():
+                raise InputError(f"a snapshot named {tag!r} exists", hint="delete it first or choose another name")
+            repo.set_tag(tag, version)
+            repo.log_operation({"time": now(), "op": "snapshot", "tag": tag, "version": version, "message": message})
+        return {"snapshot": tag, "version": version, "message": message}
+
+    def snapshot_list(self) -> list[dict]:
+        repo = self.repo
+        self._open()
+        messages = {e.get("tag"): e.get("message", "") for e in repo.journal() if e.get("op") == "snapshot"}
+        out = []
+        for tag, version in repo.tags().items():
+            meta = repo.version_meta(version)
+            out.append({"snapshot": tag, "version": version, "time": meta["time"], "tokens": meta["stats"]["tokens"],
+                        "unit": memory.for_version(meta).unit, "message": messages.get(tag, "")})
+        return out
+
+    def snapshot_delete(self, tag: str) -> dict:
+        repo = self.repo
+        with repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            version = repo.tags().get(tag)
+            repo.delete_tag(tag)
+            repo.log_operation({"time": now(), "op": "snapshot-delete", "tag": tag, "version": version})
+        return {"deleted": tag, "version": version}
+
+    def rollback(self, target: str, *, dry_run: bool = False, plan: dict | None = None) -> dict:
+        """Make `target`'s pool the new HEAD, as a new version (so a rollback can be rolled back).
+
+        A dry run returns the plan. Given a `plan` (from a dry run), the rollback happens only
+        if HEAD and the target are still what the plan was made from."""
+        repo = self.repo
+        with repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            head, version = repo.resolve("HEAD"), repo.resolve(target)
+            if plan is not None and (plan["from"], plan["to"]) != (head, version):
+                raise Busy(f"memory {self.memory_name!r} changed since the rollback was planned "
+                           f"(HEAD is now {head[:12]}); nothing was rolled back", hint="run the rollback again")
+            diff = self._diff(head, version)
+            planned = {"from": head, "to": version, "target": target, "diff": diff, "dry_run": dry_run,
+                       "unit": diff["unit"]}
+            if dry_run or head == version:
+                return {**planned, "version": head}
+            tensors, meta = repo.read_version(version)
+            meta = {**meta, "parent": head, "op": "rollback", "time": now(), "message": f"rollback to {target}",
+                    "updates": [], "target": version,
+                    "stats": {"tokens": meta["stats"]["tokens"], "added": diff["totals"]["added"],
+                              "dropped": diff["totals"]["dropped"]}}
+            new = repo.write_version(tensors, meta)
+            repo.set_head(new)
+            repo.log_operation({"time": meta["time"], "op": "rollback", "version": new, "parent": head,
+                                "target": version, "message": meta["message"]})
+        return {**planned, "version": new}
+
+    def diff(self, a: str = "HEAD~1", b: str = "HEAD") -> dict:
+        """Per source document: units added, dropped and held between two versions."""
+        self._open()
+        return self._diff(self.repo.resolve(a), self.repo.resolve(b))
+
+    def _diff(self, a: str, b: str) -> dict:
+        sides = []
+        for version in (a, b):
+            tensors, meta = self.repo.read_version(version)
+            kind = memory.for_version(meta)
+            sides.append((kind.pool_keys(tensors, meta), {s["sha256"]: kind.version_written(s)
+                                                          for s in meta["sources"]}))
+        (old, _), (new, written) = sides
+        meta_b = self.repo.version_meta(b)
+        kind = memory.for_version(meta_b)
+        layers = kind.version_layers(meta_b)
+        rows: dict[str, dict] = {}
+        for key, (sha, source) in {**old, **new}.items():
+            row = rows.setdefault(sha, {"source": source, "sha256": sha, "added": 0, "dropped": 0, "held": 0,
+                                        "written": written.get(sha, 0)})
+            row["added"] += key in new and key not in old
+            row["dropped"] += key in old and key not in new
+            row["held"] += key in new
+        per_update, pool = kind.version_forecast(meta_b)
+        for row in rows.values():
+            for k in ("added", "dropped", "held"):
+                row[k] = round(row[k] / layers)
+            row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
+            row["long_term"] = max(0, row["written"] - row["held"]) if row["sha256"] else 0
+            for t in (10, 100):
+                row[f"pool_after_{t}"] = round(forecast(row["held"], pool, meta_b["pool_size"], per_update, t))
+        totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
+        return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals,
+                "unit": kind.unit}
+
+    # -- forgetting --------------------------------------------------------------------
+
+    def forget(self, sources: list[str], *, purge: bool = False) -> dict:
+        """A new version without these documents' tokens (by path as ingested, or content hash).
+
+        With `purge`, also rewrite every version without them and delete their blocks, so
+        that no byte they wrote stays on disk (their names stay in the journal)."""
+        with self.repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            mem = self.load(model=False)
+            if mem is None:
+                raise MemoryNotFound(f"memory {self.memory_name!r} is empty")
+            chosen = _match_sources(mem.sources, sources, include_forgotten=purge)
+            shas = {mem.sources[i]["sha256"] for i in chosen}
+            held = mem.forget(set(chosen))
+            names = [mem.sources[i]["name"] for i in chosen]
+            version = self._commit(mem, "forget", "forget " + ", ".join(names), forgotten=names)
+            result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(mem),
+                      "unit": mem.unit}
+            if purge:
+                result.update(self._purge(shas))
+                result["version"] = self.repo.head()
+        return result
+
+    def _purge(self, shas: set[str]) -> dict:
+        """Rewrite every version without the blocks of these sources, parents first, then
+        move the refs and delete the old versions and the blocks."""
+        repo = self.repo
+        versions = repo.versions()
+        metas = {v: repo.version_meta(v) for v in versions}
+        order: list[str] = []
+        done: set[str] = set()
+        for start in versions:  # parents before children
+            chain = []
+            v = start
+            while v and v not in done and v in metas:
+                chain.append(v)
+                v = metas[v].get("parent")
+            for v in reversed(chain):
+                done.add(v)
+                order.append(v)
+        purged_blocks = {b for b in repo.blocks() if repo.block_meta(b).get("source_sha256") in shas}
+        mapping: dict[str, str] = {}
+        for v in order:
+            tensors, meta = repo.read_version(v)
+            blocks = meta.get("blocks", [])
+            gone = [i for i, b in enumerate(blocks) if b in purged_blocks]
+            new_tensors, extra = memory.for_version(meta).without_blocks(tensors, meta, gone)
+            secret = [src["name"] for src in meta.get("sources", []) if src["sha256"] in shas]
+            message = meta.get("message", "")
+            for hidden in secret:
+                message = message.replace(hidden, "<purged>")
+            new_meta = {
+                **meta, "blocks": [b for i, b in enumerate(blocks) if i not in set(gone)], "message": message,
+                "parent": mapping.get(meta.get("parent"), meta.get("parent")),
+                "sources": [{**src, "name": "<purged>", "forgotten": True, "purged": True}
+                            if src["sha256"] in shas else src for src in meta.get("sources", [])],
+                "updates": [u for u in meta.get("updates", []) if meta["sources"][u["source"]]["sha256"] not in shas],
+                "forgotten": [n for n in meta.get("forgotten", []) if n not in secret],
+                **extra,
+            }
+            mapping[v] = repo.write_version(new_tensors, new_meta)
+        head = repo.head()
+        for tag, version in repo.tags().items():
+            repo.set_tag(tag, mapping.get(version, version))
+        if head:
+            repo.set_head(mapping.get(head, head))
+        repo.drop_cache()  # the recall index holds their text
+        stale = [v for v in versions if mapping.get(v, v) != v]
+        repo.delete_objects("versions", stale)
+        freed = repo.delete_objects("blocks", sorted(purged_blocks))
+        repo.log_operation({"time": now(), "op": "purge", "versions_rewritten": len(stale),
+                            "blocks_deleted": len(purged_blocks), "bytes": freed})
+        return {"purged_blocks": len(purged_blocks), "versions_rewritten": len(stale), "bytes_freed": freed}
+
+    # -- integrity and space -----------------------------------------------------------
+
+    def verify(self) -> dict:
+        self.repo.info()
+        report = self.repo.verify()
+        return {"memory": self.memory_name, "ok": report.ok, "damaged": report.damaged, "checked": report.checked,
+                "head": self.repo.head() if report.ok else None}
+
+    def gc(self, *, dry_run: bool = False, keep_versions: int | None = None,
+           keep_long_term: int | None = None) -> dict:
+        """Delete versions no ref reaches and blocks no kept version uses. With `keep_versions`
+        (default: the config's gc_keep_versions, else all), keep only HEAD's and each
+        snapshot's nearest that many versions of history. With `keep_long_term` (tokens;
+        default: the config's gc_keep_long_term, else all), also delete the oldest blocks of
+        the long-term tier (blocks none of whose tokens is in a kept version's pool) beyond
+        that many tokens: this bounds the disk a memory takes, at the cost of what ask can
+        still find."""
+        repo = self.repo
+        keep_versions = keep_versions or self.settings.gc_keep_versions
+        keep_long_term = keep_long_term if keep_long_term is not None else self.settings.gc_keep_long_term
+        with repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            keep = repo.reachable(keep_versions)
+            versions = [v for v in repo.versions() if v not in keep]
+            used = {b for v in keep for b in repo.version_meta(v).get("blocks", [])}
+            blocks = [b for b in repo.blocks() if b not in used]
+            long_term = self._long_term_beyond(keep, keep_long_term) if keep_long_term is not None else []
+            freed = 0
+            if not dry_run:
+                freed += repo.delete_objects("versions", versions)
+                freed += repo.delete_objects("blocks", blocks + long_term)
+                freed += repo.remove_temporaries()
+                repo.log_operation({"time": now(), "op": "gc", "versions": len(versions),
+                                    "blocks": len(blocks) + len(long_term), "bytes": freed,
+                                    "pruned": versions, "pruned_blocks": long_term})
+        return {"versions_deleted": len(versions), "blocks_deleted": len(blocks) + len(long_term),
+                "long_term_blocks_deleted": len(long_term), "bytes_freed": freed, "dry_run": dry_run}
+
+    def _long_term_beyond(self, keep: set[str], tokens: int) -> list[str]:
+        """Blocks only the long-term tier holds, oldest first, past the newest `tokens` tokens."""
+        repo = self.repo
+        in_pool: set[str] = set()
+        listed: list[str] = []
+        for version in keep:
+            tensors, meta = repo.read_version(version)
+            in_pool |= memory.for_version(meta).held_blocks(tensors, meta)
+            listed += [b for b in meta.get("blocks", []) if b not in listed]
+        tier = [b for b in listed if b not in in_pool and not b.startswith("@") and repo.has_block(b)]
+        tier.sort(key=lambda b: -int(repo.block_meta(b).get("update", 0)))  # newest first
+        kept, out = 0, []
+        for block in tier:
+            size = int(repo.block_meta(block).get("tokens", 0))
+            if kept + size <= tokens:
+                kept += size
+            else:
+                out.append(block)
+        return out
+
+    # -- archives and listings ---------------------------------------------------------
+
+    def export(self, path: Path) -> dict:
+        """Write the whole memory (model fingerprint, blocks, versions, refs, journal) to one tar file."""
+        with self.repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            files = archive.export(self.repo, Path(path))
+        return {"memory": self.memory_name, "file": str(path), "files": files, "bytes": Path(path).stat().st_size}
+
+    def import_(self, path: Path) -> dict:
+        """Install a memory from an export under --memory's name (which must not exist yet)."""
+        repo = self.repo
+        if repo.exists():
+            raise InputError(f"memory {self.memory_name!r} exists", hint="import under another name with --memory NAME")
+        try:
+            with repo.lock(self.settings.lock_timeout):
+                report = archive.import_(repo, Path(path))
+        finally:
+            repo.remove_if_empty()
+        info = repo.info()
+        repo.log_operation({"time": now(), "op": "import", "file": str(path)})
+        return {"memory": self.memory_name, "model": info["model"]["name"],
+                "versions": report.checked.get("versions", 0)}
+
+    def memories(self) -> list[str]:
+        return self.store.names()
+
+    def list_memories(self) -> list[dict]:
+        """Every memory under MEMLLM_HOME: model, what it holds, versions, snapshots, disk."""
+        out = []
+        for name in self.store.names():
+            repo = self.store.open(name)
+            info = repo.info()
+            head = repo.head()
+            meta = repo.version_meta(head) if head else info
+            out.append({"memory": name, "model": info["model"]["name"], "tokens": meta["stats"]["tokens"] if head
+                        else 0, "unit": memory.for_version(meta).unit, "pool_size": info["pool_size"],
+                        "versions": len(repo.versions()), "snapshots": len(repo.tags()),
+                        "disk_bytes": repo.disk_bytes()})
+        return out
+
+
+def _match_sources(sources: list[dict], wanted: list[str], *, include_forgotten: bool = False) -> list[int]:
+    """Indices of the sources named by path (as ingested or resolved) or a hash prefix."""
+    chosen = []
+    for want in wanted:
+        resolved = str(Path(want).expanduser().resolve()) if want != "<stdin>" else want
+        hits = [
+            i for i, s in enumerate(sources)
+            if (include_forgotten or not s.get("forgotten")) and not s.get("purged") and (
+                s["name"] == want
+                or (s["name"] != "<stdin>" and str(Path(s["name"]).resolve()) == resolved)
+                or (len(want) >= 8 and s["sha256"].startswith(want.lower()))
+            )
+        ]
+        if not hits:
+            raise InputError(f"{want}: no such document in memory", hint="see memllm status for what it holds")
+        chosen += [i for i in hits if i not in chosen]
+    return chosen

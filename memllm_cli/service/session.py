@@ -1,0 +1,327 @@
+"""The session: the model, writing into a memory, and answering from it.
+
+The service is where model, memory and store meet. It holds one store handle (`repo`)
+and the model; the memory kinds (memory/) decide what writing, reading and counting mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+from .. import __version__, memory
+from ..clock import now
+from ..config import Settings, load_settings
+from ..errors import InputError, MemoryNotFound, ModelError, UsageError
+from ..memory import Memory, Sampling
+from ..memory.base import CHUNK_TOKENS
+from ..model.loading import EMBEDDED, LoadedModel, load_model
+from ..progress import NoProgress, Progress
+from ..store import FORMAT, Store
+from ..store.migrations import migrate
+from ..text.chunking import chunk_document
+from ..text.sources import Collected, Document, collect
+
+CHECKPOINT_SECONDS = 60.0  # a long ingest commits at document boundaries this often
+READ_BUDGET = 1024  # tokens ask reads by default (docs/design.md, "Reading within a budget")
+MAX_SEED = (1 << 64) - 1  # torch generators take seeds below 2**64
+
+
+@dataclass
+class IngestReport:
+    memory: str
+    files: int
+    chunks: int
+    tokens: int
+    dropped: int
+    seconds: float
+    tokens_held: int
+    pool_size: int
+    unchanged: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unit: str = "tokens"  # of tokens_held and pool_size; "rows per layer" for MemoryLLM checkpoints
+
+    @property
+    def fill(self) -> float:
+        return self.tokens_held / self.pool_size
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fill": round(self.fill, 4), "seconds": round(self.seconds, 3)}
+
+
+class Answer:
+    """Iterate for the answer's text pieces as they are generated; then read the totals."""
+
+    def __init__(self, tokens: Iterator[int], tokenizer, info: dict, started: float) -> None:
+        self._tokens = tokens
+        self._tokenizer = tokenizer
+        self.info = info
+        self.ids: list[int] = []
+        self.text = ""
+        self.started = started
+        self.first_token_seconds: float | None = None
+        self.seconds: float | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for token in self._tokens:
+            if self.first_token_seconds is None:
+                self.first_token_seconds = time.perf_counter() - self.started
+            self.ids.append(token)
+            text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            piece, self.text = text[len(self.text):], text
+            if piece:
+                yield piece
+        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > len(self.text) and text.startswith(self.text):
+            yield text[len(self.text):]  # what was held back, even if it ends mid-character
+        self.text = text
+        self.seconds = time.perf_counter() - self.started
+
+    def to_dict(self) -> dict:
+        return {
+            "answer": self.text.strip(), **self.info, "tokens": len(self.ids),
+            "seconds": round(self.seconds or 0.0, 3),
+            "first_token_seconds": round(self.first_token_seconds or 0.0, 3),
+        }
+
+
+def sampling(max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None) -> Sampling:
+    """Sampling settings, checked: every value finite and in range."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"the most tokens to generate must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"the temperature must be a finite number >= 0, got {temperature}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise UsageError(f"top-p must be in (0, 1], got {top_p}", hint="1 keeps every token; 0.9 is common")
+    if top_k < 0:
+        raise UsageError(f"top-k must be >= 0 (0: all tokens), got {top_k}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"the seed must be between 0 and 2**64 - 1, got {seed}")
+    return Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+
+
+class Session:
+    """One memory (by name) under one home, and the model that reads and writes it."""
+
+    def __init__(self, settings: Settings | None = None, **overrides) -> None:
+        self.settings = settings or load_settings(**overrides)
+        self.store = Store(self.settings.home)
+        self._model: LoadedModel | None = None
+        self._repo = None
+
+    @property
+    def memory_name(self) -> str:
+        return self.settings.memory
+
+    @property
+    def repo(self):
+        """The store handle of this session's memory."""
+        if self._repo is None:
+            self._repo = self.store.open(self.memory_name)
+        return self._repo
+
+    # -- the model ---------------------------------------------------------------------
+
+    def model(self, info: dict | None = None) -> LoadedModel:
+        """The model: the one asked for, else the one that wrote the memory, else the default."""
+        if self._model is None:
+            spec = self.settings.model or (info or {}).get("model", {}).get("name") or EMBEDDED
+            self._model = load_model(
+                spec, cache_dir=self.settings.cache_dir, device=self.settings.device, dtype=self.settings.dtype
+            )
+        if info is not None and info["model"]["fingerprint"] != self._model.fingerprint:
+            raise ModelError(
+                f"memory {self.memory_name!r} was written by model {info['model']['name']}, "
+                f"not by {self._model.name}",
+                hint=f"use --model {info['model']['name']}, or another --memory",
+            )
+        return self._model
+
+    def kind(self) -> type[Memory]:
+        """The kind of memory this session's model writes."""
+        return memory.for_model(self.model())
+
+    # -- opening and loading -----------------------------------------------------------
+
+    def _open(self, *, locked: bool = False) -> dict:
+        """The memory's info, after migrating an older store format forward."""
+        info = self.repo.info()
+        if info["format"] < FORMAT:
+            if locked:
+                migrate(self.repo)
+            else:
+                with self.repo.lock(self.settings.lock_timeout):
+                    migrate(self.repo)
+            info = self.repo.info()
+        return info
+
+    def load(self, version: str | None = None, *, states: bool = False, model: bool = True) -> Memory | None:
+        """A stored version (default HEAD) in RAM, None if the memory has no version yet.
+        Keys and values are read when first needed (or now, with `states`); without
+        `model`, no model is loaded (counts only)."""
+        version = version or self.repo.head()
+        if version is None:
+            return None
+        tensors, meta = self.repo.read_version(version)
+        lm = self.model(self.repo.info()) if model or states else None
+        return memory.for_version(meta).load(version, tensors, meta, lm, self.repo, states=states)
+
+    def _commit(self, mem: Memory, op: str, message: str = "", **extra) -> str:
+        """Write pending blocks, then the version, then move HEAD: a crash leaves HEAD intact."""
+        repo = self.repo
+        mem.settle([repo.write_block(tensors, meta) for tensors, meta in mem.pending])
+        tensors, meta = mem.version_record(op, message, **extra)
+        version = repo.write_version(tensors, meta)
+        repo.set_head(version)
+        repo.log_operation({
+            "time": meta["time"], "op": op, "version": version, "parent": meta["parent"], "message": message,
+            **meta["stats"],
+        })
+        mem.committed(version)
+        return version
+
+    def _create(self, lm: LoadedModel, mem: Memory) -> dict:
+        info = {
+            **mem.settings(),
+            "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "sink": lm.prompt.sink_text,
+            "created": now(),
+            "memllm": __version__,
+        }
+        self.repo.create(info)
+        self.repo.log_operation({"time": info["created"], "op": "create", "model": lm.name})
+        mem.library = self.repo
+        return self.repo.info()
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def ingest(self, paths: list[str], *, stdin: BinaryIO | None = None, force: bool = False,
+               progress: Progress | None = None) -> IngestReport:
+        """Write files, folders, globs or stdin ("-") into the memory, one update per chunk."""
+        return self.ingest_documents(collect(paths, stdin), force=force, progress=progress)
+
+    def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False,
+                         progress: Progress | None = None) -> IngestReport:
+        if isinstance(collected, list):
+            collected = Collected(collected)
+        progress = progress or NoProgress()
+        started = time.perf_counter()
+        name = self.memory_name
+        with self.repo.lock(self.settings.lock_timeout):
+            info = self._open(locked=True) if self.repo.exists() else None
+            lm = self.model(info)
+            mem = self.load() if info else None
+            if mem is None:
+                mem = self.kind().create_for(lm, self.settings)
+                mem.library = self.repo
+                if info is None:
+                    self._create(lm, mem)
+            report = IngestReport(name, 0, 0, 0, 0, 0.0, len(mem), mem.pool_size,
+                                  skipped=[{"path": p, "reason": r} for p, r in collected.skipped], unit=mem.unit)
+            plan, planned = [], set()
+            for doc in collected.documents:
+                if doc.sha256 in planned or (mem.has_content(doc.sha256) and not force):
+                    report.unchanged.append(doc.name)
+                else:
+                    planned.add(doc.sha256)
+                    chunks = chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)
+                    plan.append((doc, chunks))
+                    report.warnings += mem.check_chunks(doc.name, chunks)
+            progress.start(sum(len(c.ids) for _, chunks in plan for c in chunks), f"ingesting into {name}")
+            last_commit = time.perf_counter()
+            try:
+                for doc, chunks in plan:
+                    source = mem.add_source(doc.name, doc.sha256)
+                    for chunk in chunks:
+                        update = mem.write(chunk.ids, source=source, chunk=chunk.index, span=(chunk.start, chunk.end))
+                        report.chunks += 1
+                        report.tokens += update["tokens"]
+                        report.dropped += update["dropped"]
+                        progress.advance(update["tokens"], doc.name)
+                    report.files += 1
+                    if time.perf_counter() - last_commit > CHECKPOINT_SECONDS:
+                        self._commit(mem, "ingest", _ingest_message(mem))
+                        last_commit = time.perf_counter()
+            finally:
+                progress.finish()
+            if mem.updates:
+                self._commit(mem, "ingest", _ingest_message(mem))
+                mem.prepare_reads()
+        report.tokens_held = len(mem)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    # -- ask ---------------------------------------------------------------------------
+
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+            top_k: int = 0, seed: int | None = None, budget: int | None = None) -> Answer:
+        """Answer from memory. Iterate the result for the text as it is generated.
+
+        `budget` (default: the config's read_budget, else READ_BUDGET) caps the tokens read:
+        the blocks most relevant to the question, from the pool and the long-term tier; 0
+        reads the whole pool, as MemoryLLM does."""
+        started = time.perf_counter()
+        if not question.strip():
+            raise InputError("the question is empty")
+        chosen = sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        budget = self.budget(budget)
+        self.model(self._open())  # checks that this model wrote the memory
+        mem = self.load()
+        if mem is None or len(mem) == 0:
+            raise MemoryNotFound(f"memory {self.memory_name!r} is empty",
+                                 hint="ingest something first: memllm ingest FILE")
+        return self._answer(mem, question, chosen, budget, started)
+
+    def budget(self, budget: int | None = None) -> int:
+        """The read budget: the one given, else the config's, else READ_BUDGET."""
+        budget = budget if budget is not None else self.settings.read_budget
+        budget = READ_BUDGET if budget is None else budget
+        if budget < 0:
+            raise UsageError("the read budget must be >= 0 (0: the whole pool)")
+        return budget
+
+    def _answer(self, mem: Memory, question: str, chosen: Sampling, budget: int, started: float) -> Answer:
+        lm = self.model()
+        reading = mem.read(question, budget, chosen)
+        reading.info = {"model": lm.name, "memory": self.memory_name, **reading.info}  # the kind adds to it
+        return Answer(reading.tokens, lm.tokenizer, reading.info, started)
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """What the memory holds; reads the store only (no model is loaded)."""
+        info = self._open()
+        mem = self.load(model=False)
+        n = len(mem) if mem else 0
+        pool_size = mem.pool_size if mem else info["pool_size"]
+        return {
+            "memory": self.memory_name,
+            "model": info["model"]["name"],
+            "fingerprint": info["model"]["fingerprint"][:16],
+            "kind": memory.for_version(info).kind,
+            "version": mem.head if mem else None,
+            "pool_size": pool_size,
+            "tokens": n,
+            "fill": round(n / pool_size, 4),
+            "updates": mem.update_count if mem else 0,
+            "dropped": mem.dropped_total() if mem else 0,
+            "unit": (mem or memory.for_version(info)).unit,
+            "dtype": info.get("dtype"),
+            "write_context": info.get("write_context"),
+            "disk_bytes": self.repo.disk_bytes(),
+            "created": info.get("created"),
+            "sources": mem.source_counts() if mem else [],
+        }
+
+
+def _ingest_message(mem: Memory) -> str:
+    names = list(dict.fromkeys(mem.sources[u["source"]]["name"] for u in mem.updates))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"ingest {shown}"

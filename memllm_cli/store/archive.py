@@ -1,0 +1,77 @@
+"""One memory as one file: an uncompressed tar of its folder (the tensors do not compress),
+verified before an imported memory becomes visible."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError, StoreError
+from .repo import INFO, Repo, Store, Verification, _check_format, _fsync_dir, _private_dir
+
+ROOT = "memllm-memory"  # every member of an export lies under this folder
+
+
+def export(repo: Repo, target: Path) -> int:
+    """Write everything but the lock and the caches to `target`, atomically; returns the
+    number of files."""
+    folder = repo.folder
+    members = [INFO, "journal.jsonl"] + [
+        str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
+        for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
+    ]
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for member in members:
+                if (folder / member).is_file():
+                    tar.add(folder / member, arcname=f"{ROOT}/{member}", recursive=False)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return len(members)
+
+
+def import_(repo: Repo, source: Path) -> Verification:
+    """Unpack an export into the new memory `repo`; it only appears if it verifies."""
+    root = repo.store.root
+    _private_dir(root)
+    staging = Path(tempfile.mkdtemp(prefix=f".import-{repo.name}-", dir=root))
+    try:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar.getmembers():
+                    parts = Path(member.name).parts
+                    if not member.isfile() or len(parts) < 2 or parts[0] != ROOT or ".." in parts:
+                        raise InputError(f"{source} is not a memllm export (unexpected entry {member.name!r})")
+                tar.extractall(staging, filter="data")
+        except tarfile.TarError:
+            raise InputError(f"{source} is not a memllm export (not a tar archive)") from None
+        except OSError as err:
+            raise InputError(f"cannot read {source}: {err.strerror or err}") from None
+        unpacked = staging / ROOT
+        if not (unpacked / INFO).is_file():
+            raise InputError(f"{source} is not a memllm export (no {INFO})")
+        for path in [unpacked, *unpacked.rglob("*")]:
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        for sub in ("blocks", "versions", "refs/tags"):
+            _private_dir(unpacked / sub)
+        staged = Repo(Store(staging.parent), repo.name, unpacked)  # verify the copy before it becomes visible
+        _check_format(repo.name, staged.info().get("format"))
+        report = staged.verify()
+        if not report.ok:
+            raise StoreError(f"{source} is damaged: " + "; ".join(report.damaged[:3]))
+        _private_dir(repo.folder)
+        # memory.json moves last: until it is there, the memory does not exist
+        for item in sorted(unpacked.iterdir(), key=lambda p: p.name == INFO):
+            os.replace(item, repo.folder / item.name)
+        _fsync_dir(repo.folder)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

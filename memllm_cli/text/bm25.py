@@ -1,0 +1,34 @@
+"""BM25 over texts (bm25s): what memllm's reader ranks blocks with, and the bench's baseline."""
+
+from __future__ import annotations
+
+
+def bm25_index(texts: list[str]):
+    """A BM25 index (bm25s) over texts; None when there is nothing to index (no texts, or
+    no word in them that is not a stop word)."""
+    if not texts:
+        return None
+    import bm25s
+
+    retriever = bm25s.BM25()
+    try:
+        retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    except ValueError:  # an empty vocabulary
+        return None
+    return retriever
+
+
+def bm25_scores(retriever, question: str, count: int) -> list[float]:
+    """The BM25 score of each of the `count` indexed texts for the question (0 for all when
+    the question has no searchable word or there is no index)."""
+    scores = [0.0] * count
+    if retriever is None:
+        return scores
+    import bm25s
+
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
+    if query and query[0]:
+        order, values = retriever.retrieve(query, k=count, show_progress=False)
+        for i, score in zip(order[0].tolist(), values[0].tolist(), strict=True):
+            scores[i] = float(score)
+    return scores
