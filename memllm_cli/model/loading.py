@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 
 from ..errors import ModelError
 from ..text.prompts import PromptFormat, TrainedPrompt
@@ -99,6 +101,7 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
+            _check_gguf(path)
             return str(path.resolve()), path.resolve()
         if path.is_dir() and (path / "config.json").is_file():
             return str(path.resolve()), path.resolve()
@@ -110,6 +113,17 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     raise ModelError(
         f"model not found: {spec}", hint="give a local directory, a .gguf file or a hub id such as org/name"
     )
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {err.strerror or err}") from None
+    if magic != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
+                         hint="give a .gguf file from llama.cpp or ollama, a model directory, or a hub id")
 
 
 def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
@@ -129,10 +143,16 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     torch_dtype = _dtype(dtype)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(source, Path):
+        damaged = [f for f in sorted(source.glob("*.safetensors")) if not intact_safetensors(f)]
+        if damaged:
+            raise ModelError(f"{damaged[0]} is damaged (cut short or overwritten)",
+                             hint="copy the model again" if source.parent != cache_dir / "models"
+                             else "delete that folder; memllm converts the model again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise ModelError(f"cannot load model {spec}: {_first_line(err)}") from err
     try:
         model.to(device)
@@ -220,7 +240,10 @@ def _converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{_head_digest(gguf)}".encode()).hexdigest()[:16]
     target = cache_dir / "models" / f"{gguf.stem}-{key}"
     if (target / "model.safetensors").is_file():
-        return target
+        if intact_safetensors(target / "model.safetensors"):
+            return target
+        log.info("the converted copy of %s in %s is damaged; converting it again", gguf.name, target)
+        shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(target) + ".lock", timeout=600):
@@ -251,10 +274,23 @@ def _convert(gguf: Path, target: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as err:  # a damaged GGUF file
         raise ModelError(f"cannot convert {gguf}: {_first_line(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def intact_safetensors(path: Path) -> bool:
+    """Whether a safetensors file is whole: its header parses and the file is as long as
+    the header says (a copy cut short fails this without reading the tensors)."""
+    try:
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(length))
+        ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+        return path.stat().st_size == 8 + length + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
 
 
 def _head_digest(path: Path) -> str:
