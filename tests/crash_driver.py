@@ -22,6 +22,7 @@ import torch
 torch.set_num_threads(1)  # fork-safe: the parent never starts an OpenMP pool
 
 from memllm_cli.errors import MemllmError  # noqa: E402
+from memllm_cli.memory.free import sink  # noqa: E402
 from memllm_cli.service import Memllm  # noqa: E402
 from memllm_cli.text.sources import Document  # noqa: E402
 
@@ -35,7 +36,7 @@ for i in range(10):
     DOCS.append(Document(f"doc{i}.txt", text, hashlib.sha256(text.encode()).hexdigest()))
 SEEN = Path(home) / "heads.log"
 SERVICE = Memllm(model=model, pool_size=512, write_context=256)
-SERVICE.sink()  # load the model before forking, so that each child starts working at once
+sink(SERVICE.model())  # load the model and its sink before forking, so each child starts at once
 
 
 def child(round_seed: int) -> None:

@@ -113,8 +113,8 @@ def test_closed_streams(tmp_path, filled):
     out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "-"], capture_output=True, timeout=300,
                          preexec_fn=lambda: os.close(0))
     one_error(out, 3, "standard input, but it is closed")
-    out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "What is the code?"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, timeout=300, preexec_fn=lambda: os.close(1))
+    out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "What is the code?"], capture_output=True,
+                         timeout=300, preexec_fn=lambda: os.close(1))
     one_error(out, 1, "standard output is closed")
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .app import app, service
-from .render import emit, err, progress_bar, size
+from .render import emit, err, progress_bar, show, size, table
 
 bench_app = typer.Typer(
     help="The MemoryLLM paper's measurements on local data, with baselines: retention, speed, integrity.",
@@ -46,8 +46,6 @@ def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, 
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
         if name == "retention" and not bench.plot(result, out / f"{name}.png"):
             err("memllm: no plot: matplotlib is not installed (pip install matplotlib)")
-    if as_json:
-        emit(result, True, print)
     return result
 
 
@@ -88,8 +86,7 @@ def bench_retention(
         subject, dataset, questions=questions, seed=seed, ks=ks, methods=chosen, bm25_budget=bm25_budget,
         progress=progress), data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens,
         base_memory=from_memory)
-    if not as_json:
-        _retention_table(result)
+    emit(result, as_json, lambda: _retention_table(result))
 
 
 @bench_app.command("speed")
@@ -113,8 +110,7 @@ def bench_speed(
     result = _bench(ctx, "speed", lambda bench, subject, dataset, progress: bench.speed(
         subject, dataset, questions=questions, seed=seed, progress=progress),
         data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens)
-    if not as_json:
-        _speed_table(result)
+    emit(result, as_json, lambda: _speed_table(result))
 
 
 @bench_app.command("integrity")
@@ -140,29 +136,20 @@ def bench_integrity(
     result = _bench(ctx, "integrity", lambda bench, subject, dataset, progress: bench.integrity(
         subject, dataset, questions=questions, seed=seed, updates=updates, progress=progress),
         data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens)
-    if not as_json:
-        _integrity_table(result)
+    emit(result, as_json, lambda: _integrity_table(result))
 
 
 def _retention_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    settings = result["settings"]
-    table = Table(title=f"knowledge retention: {settings['questions']} questions, model "
-                        f"{result['environment']['model']['name']}, pool {result['environment']['model']['pool_size']}",
-                  box=None)
-    table.add_column("k", justify="right")
-    for method in result["results"]:
-        table.add_column(method, justify="right")
-    table.add_column("(1-K/N)^t", justify="right")
-    table.add_column("gold held", justify="right")
+    settings, model = result["settings"], result["environment"]["model"]
+    rows = table("k", *result["results"], "(1-K/N)^t", "gold held",
+                 title=f"knowledge retention: {settings['questions']} questions, model {model['name']}, "
+                       f"pool {model['pool_size']}")
     for k in settings["ks"]:
         cells = [f"{r[str(k)]['accuracy']:.0%} ± {r[str(k)]['stderr']:.0%}" for r in result["results"].values()]
         survival = result["survival"][str(k)]
-        table.add_row(str(k), *cells, *(f"{survival[n]:.0%}" if survival[n] is not None else "-"
-                                         for n in ("paper", "measured")))
-    Console().print(table)
+        rows.add_row(str(k), *cells, *(f"{survival[n]:.0%}" if survival[n] is not None else "-"
+                                        for n in ("paper", "measured")))
+    show(rows)
     if settings.get("methods_not_supported"):
         err(f"memllm: not measured for this model: {', '.join(settings['methods_not_supported'])}")
     print(f"{result['seconds']:.0f} s; data {result['data']['path']} rows {result['data']['rows']}; "
@@ -170,16 +157,11 @@ def _retention_table(result: dict) -> None:
 
 
 def _speed_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     print(f"plain forward {result['plain_forward_tokens_per_s']:.0f} tokens/s; ingest "
           f"{result['ingest_tokens_per_s']:.0f} tokens/s ({result['ingest_over_plain']:.2f}x); peak RSS "
           f"{size(result['peak_rss_bytes'])}; disk {result['disk_bytes_per_token'] or '-'} B per memory token")
-    table = Table(box=None)
-    for column in ("fill", "held", "ingest tok/s", "memllm first token", "memllm decode tok/s",
-                   "prompt first token", "prompt decode tok/s"):
-        table.add_column(column, justify="right")
+    rows = table("fill", "held", "ingest tok/s", "memllm first token", "memllm decode tok/s", "prompt first token",
+                 "prompt decode tok/s")
 
     def cell(side, key, fmt):
         value = (side or {}).get(key)
@@ -187,25 +169,20 @@ def _speed_table(result: dict) -> None:
             if value else "-"
 
     for r in result["runs"]:
-        table.add_row(f"{r['fill']:.0%}", str(r["held"]), f"{r['ingest_tokens_per_s'] or 0:.0f}",
-                      cell(r["memllm"], "first_token_s", "{:.2f}"), cell(r["memllm"], "decode_tokens_per_s", "{:.1f}"),
-                      cell(r["prompt"], "first_token_s", "{:.2f}"), cell(r["prompt"], "decode_tokens_per_s", "{:.1f}"))
-    Console().print(table)
+        rows.add_row(f"{r['fill']:.0%}", str(r["held"]), f"{r['ingest_tokens_per_s'] or 0:.0f}",
+                     cell(r["memllm"], "first_token_s", "{:.2f}"), cell(r["memllm"], "decode_tokens_per_s", "{:.1f}"),
+                     cell(r["prompt"], "first_token_s", "{:.2f}"), cell(r["prompt"], "decode_tokens_per_s", "{:.1f}"))
+    show(rows)
 
 
 def _integrity_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None)
-    for column in ("updates", "held", "fresh facts", "within noise", "perplexity", "ratio", "max norm", "ratio"):
-        table.add_column(column, justify="right")
+    rows = table("updates", "held", "fresh facts", "within noise", "perplexity", "ratio", "max norm", "ratio")
     for r in result["results"]:
         acc = r["retention"]
-        table.add_row(str(r["updates"]), str(r["held"]), f"{acc['accuracy']:.0%} ± {acc['stderr']:.0%}",
-                      "yes" if r["retention_within_noise"] else "no", f"{r['perplexity']:.2f}",
-                      f"{r['perplexity_ratio']:.3f}", f"{r['pool']['max_norm']:.1f}", f"{r['max_norm_ratio']:.3f}")
-    Console().print(table)
+        rows.add_row(str(r["updates"]), str(r["held"]), f"{acc['accuracy']:.0%} ± {acc['stderr']:.0%}",
+                     "yes" if r["retention_within_noise"] else "no", f"{r['perplexity']:.2f}",
+                     f"{r['perplexity_ratio']:.3f}", f"{r['pool']['max_norm']:.1f}", f"{r['max_norm_ratio']:.3f}")
+    show(rows)
     print(f"{result['seconds']:.0f} s; data {result['data']['path']} rows {result['data']['rows']}")
 
 
