@@ -122,12 +122,12 @@ def status(
              f"{info['updates']} updates, {info['dropped']} {info['unit'].split()[0]} dropped, "
              f"{size(info['disk_bytes'])} on disk")
         if info["sources"]:
-            rows = table("source", "chunks", "tokens", f"written ({info['unit']})", "held", "held %", "long-term",
+            rows = table("source", "chunks", "tokens written", f"held ({info['unit']})", "held %", "long-term",
                          fold="source")
             for s in info["sources"]:
                 share = s["held"] / s["written"] if s["written"] else 0
-                rows.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["written"]), str(s["held"]),
-                             f"{share:.0%}", str(s["long_term"]))
+                rows.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["held"]), f"{share:.0%}",
+                             str(s["long_term"]))
             show(rows)
 
     emit(info, as_json, text)
