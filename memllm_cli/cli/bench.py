@@ -31,7 +31,7 @@ OutOption = Annotated[Path | None, typer.Option("--out", help="Also write NAME.j
 TokensOption = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated per answer.")]
 
 
-def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, as_json: bool, out: Path | None,
+def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, out: Path | None,
            max_tokens: int, base_memory: str | None = None) -> dict:
     from .. import bench
 
@@ -84,7 +84,7 @@ def bench_retention(
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     result = _bench(ctx, "retention", lambda bench, subject, dataset, progress: bench.retention(
         subject, dataset, questions=questions, seed=seed, ks=ks, methods=chosen, bm25_budget=bm25_budget,
-        progress=progress), data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens,
+        progress=progress), data=data, rows=rows, out=out, max_tokens=max_tokens,
         base_memory=from_memory)
     emit(result, as_json, lambda: _retention_table(result))
 
@@ -109,7 +109,7 @@ def bench_speed(
     """
     result = _bench(ctx, "speed", lambda bench, subject, dataset, progress: bench.speed(
         subject, dataset, questions=questions, seed=seed, progress=progress),
-        data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens)
+        data=data, rows=rows, out=out, max_tokens=max_tokens)
     emit(result, as_json, lambda: _speed_table(result))
 
 
@@ -135,7 +135,7 @@ def bench_integrity(
     """
     result = _bench(ctx, "integrity", lambda bench, subject, dataset, progress: bench.integrity(
         subject, dataset, questions=questions, seed=seed, updates=updates, progress=progress),
-        data=data, rows=rows, as_json=as_json, out=out, max_tokens=max_tokens)
+        data=data, rows=rows, out=out, max_tokens=max_tokens)
     emit(result, as_json, lambda: _integrity_table(result))
 
 
