@@ -123,12 +123,40 @@ ERRORS: list[tuple[type[BaseException], Callable[..., Report]]] = [
 ]
 
 
+class ReaderGone(Exception):
+    """The reader of stdout went away (memllm ... | head -1)."""
+
+
+class _Stdout:
+    """sys.stdout, with a closed pipe turned into ReaderGone: typer would report it as an
+    error (exit 1); a pipe's reader leaving early is how `| head` works."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise ReaderGone() from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise ReaderGone() from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run(argv: list[str] | None = None) -> None:
     """The entry point: run the app, translate what escapes it, exit."""
     debug = os.environ.get("MEMLLM_DEBUG") == "1"
     if sys.stdout is None:  # started with stdout closed (>&-): results would vanish
         err("memllm: error: standard output is closed; redirect it to a file or /dev/null instead")
         sys.exit(1)
+    sys.stdout = _Stdout(sys.stdout)
     try:
         code = app(args=argv, prog_name="memllm", standalone_mode=False)
     except SystemExit:
@@ -136,7 +164,7 @@ def run(argv: list[str] | None = None) -> None:
     except BaseException as raised:  # the edge: every error ends here, as one line
         if debug:
             raise
-        if isinstance(raised, BrokenPipeError):
+        if isinstance(raised, (ReaderGone, BrokenPipeError)):
             _reader_gone()
         handler = next((h for kind, h in ERRORS if isinstance(raised, kind)), None)
         if handler is None:
@@ -162,9 +190,8 @@ def _exit(code: int) -> None:
 
 
 def _reader_gone() -> None:
-    """The reader of stdout went away (memllm ... | head): stop quietly, as a pipe expects."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that go nowhere
+    """Stop quietly with exit 0, as a pipe expects."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit: let that go nowhere
     sys.exit(0)
 
 

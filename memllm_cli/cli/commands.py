@@ -3,6 +3,7 @@ export, import. Each parses flags, makes one call into the service, renders the 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -386,15 +387,25 @@ def gc(
 @app.command("export")
 def export_(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="The archive to write (a tar file).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    file: Annotated[str, typer.Argument(help="The archive to write (a tar file), or - for stdout.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file; export a damaged memory "
+                                        "as it is.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (on stderr with -).")] = False,
 ) -> None:
     """Write a memory, with its whole history and its model's fingerprint, to one archive.
+    Refuses an existing file without --force, and never replaces a link, FIFO or device.
 
     Examples:
       memllm -m work export work-memory.tar
+      memllm -m work export - | ssh backup 'cat > work.tar'
     """
-    result = service(ctx).export(file)
+    if file == "-":
+        result = service(ctx).export(sys.stdout.buffer, force=force)
+        sys.stdout.flush()
+        if as_json:
+            err(json.dumps(result))
+        return
+    result = service(ctx).export(Path(file), force=force)
     emit(result, as_json,
          lambda: print(f"exported memory {result['memory']!r} to {result['file']} ({size(result['bytes'])})"))
 

@@ -142,6 +142,17 @@ class Memory(ABC):
         """Warnings about chunks this kind may not take well."""
         return []
 
+    # where what the pool drops goes, for the warning about a document larger than the pool
+    dropped_note: ClassVar[str] = "the rest stays readable in the long-term tier (ask --budget reads it)"
+
+    def larger_than_pool(self, source: int) -> str | None:
+        """A warning when one document wrote more than the pool holds."""
+        src = self.sources[source]
+        if self.written(src) <= self.pool_size:
+            return None
+        return (f"{src['name']} is larger than the pool ({self.written(src)} {self.unit} written, the pool holds "
+                f"{self.pool_size}): the pool keeps {self.held_per_source()[source]}; {self.dropped_note}")
+
     @abstractmethod
     def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update; returns its log entry ({tokens, dropped, seed, ...})."""
@@ -262,6 +273,11 @@ class Memory(ABC):
     def pool_keys(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[tuple, tuple[str, str]]:
         """Every unit a version's pool holds, as a key that is equal across versions for the
         same stored unit, mapped to its document (sha256, name)."""
+
+    @classmethod
+    def held_in(cls, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+        """How much of a stored version's pool holds ingested text, in `unit`."""
+        return len(tensors["block"])
 
     @classmethod
     def version_layers(cls, meta: dict) -> int:

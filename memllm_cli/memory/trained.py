@@ -102,6 +102,9 @@ class TrainedMemory(Memory):
 
     # -- writing ---------------------------------------------------------------------
 
+    dropped_note: ClassVar[str] = ("rows the pool drops are gone for MemoryLLM (M+ keeps some in its long-term "
+                                   "memory)")
+
     def archive_in_ram(self, keep: bool) -> None:
         self.keep_blocks = False  # the checkpoint reads its own pool; nothing reads a tier in RAM
 
@@ -276,6 +279,10 @@ class TrainedMemory(Memory):
             source = sources[src] if src >= 0 else {"sha256": "", "name": "<checkpoint memory>"}
             out[(int(layer[k]), blocks[blk], row)] = (source["sha256"], source["name"])
         return out
+
+    @classmethod
+    def held_in(cls, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+        return round(int((tensors["source"] >= 0).sum()) / int(meta["layers"]))
 
     @classmethod
     def version_layers(cls, meta: dict) -> int:

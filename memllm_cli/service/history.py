@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from .. import memory
 from ..clock import now
-from ..errors import Busy, InputError, MemoryNotFound
+from ..errors import Busy, InputError, MemoryNotFound, StoreError
 from ..memory.base import forecast
 from ..store import archive
 from .session import Session
@@ -121,11 +122,12 @@ class History(Session):
             row["dropped"] += key in old and key not in new
             row["held"] += key in new
         per_update, pool = kind.version_forecast(meta_b)
+        forgotten = {s["sha256"] for s in meta_b["sources"] if s.get("forgotten")}  # ask no longer reads them
         for row in rows.values():
             for k in ("added", "dropped", "held"):
                 row[k] = round(row[k] / layers)
             row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
-            row["long_term"] = max(0, row["written"] - row["held"]) if row["sha256"] else 0
+            row["long_term"] = max(0, row["written"] - row["held"]) if row["sha256"] not in forgotten | {""} else 0
             for t in (10, 100):
                 row[f"pool_after_{t}"] = round(forecast(row["held"], pool, meta_b["pool_size"], per_update, t))
         totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
@@ -179,7 +181,8 @@ class History(Session):
             tensors, meta = repo.read_version(v)
             blocks = meta.get("blocks", [])
             gone = [i for i, b in enumerate(blocks) if b in purged_blocks]
-            new_tensors, extra = memory.for_version(meta).without_blocks(tensors, meta, gone)
+            kind = memory.for_version(meta)
+            new_tensors, extra = kind.without_blocks(tensors, meta, gone)
             secret = [src["name"] for src in meta.get("sources", []) if src["sha256"] in shas]
             message = meta.get("message", "")
             for hidden in secret:
@@ -191,6 +194,7 @@ class History(Session):
                             if src["sha256"] in shas else src for src in meta.get("sources", [])],
                 "updates": [u for u in meta.get("updates", []) if meta["sources"][u["source"]]["sha256"] not in shas],
                 "forgotten": [n for n in meta.get("forgotten", []) if n not in secret],
+                "stats": {**meta.get("stats", {}), "tokens": kind.held_in(new_tensors, meta)},
                 **extra,
             }
             mapping[v] = repo.write_version(new_tensors, new_meta)
@@ -267,12 +271,23 @@ class History(Session):
 
     # -- archives and listings ---------------------------------------------------------
 
-    def export(self, path: Path) -> dict:
-        """Write the whole memory (model fingerprint, blocks, versions, refs, journal) to one tar file."""
+    def export(self, path: Path | BinaryIO, *, force: bool = False) -> dict:
+        """Write the whole memory (model fingerprint, blocks, versions, refs, journal) to one tar
+        file, or to a binary stream. A memory that fails verify is not exported (an archive
+        import would refuse is no backup) unless `force`, which also replaces an existing file."""
         with self.repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
-            files = archive.export(self.repo, Path(path))
-        return {"memory": self.memory_name, "file": str(path), "files": files, "bytes": Path(path).stat().st_size}
+            report = self.repo.verify()
+            if not report.ok and not force:
+                raise StoreError(f"memory {self.memory_name!r} is damaged: " + "; ".join(report.damaged[:3]),
+                                 hint="see memllm verify; --force exports it as it is")
+            if isinstance(path, (str, Path)):
+                files = archive.export(self.repo, Path(path), force=force)
+                written = {"file": str(path), "bytes": Path(path).stat().st_size}
+            else:
+                files = archive.write(self.repo, path)
+                written = {"file": "-"}
+        return {"memory": self.memory_name, **written, "files": files}
 
     def import_(self, path: Path) -> dict:
         """Install a memory from an export under --memory's name (which must not exist yet)."""

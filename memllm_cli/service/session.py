@@ -213,6 +213,14 @@ class Session:
             collected = Collected(collected)
         progress = progress or NoProgress()
         started = time.perf_counter()
+        existed = self.repo.exists()
+        try:
+            return self._ingest(collected, force, progress, started)
+        finally:
+            if not existed:
+                self.repo.remove_if_empty()  # a first ingest that failed before creating the memory
+
+    def _ingest(self, collected: Collected, force: bool, progress: Progress, started: float) -> IngestReport:
         name = self.memory_name
         with self.repo.lock(self.settings.lock_timeout):
             info = self._open(locked=True) if self.repo.exists() else None
@@ -246,6 +254,8 @@ class Session:
                         report.dropped += update["dropped"]
                         progress.advance(update["tokens"], doc.name)
                     report.files += 1
+                    if note := mem.larger_than_pool(source):
+                        report.warnings.append(note)
                     if time.perf_counter() - last_commit > CHECKPOINT_SECONDS:
                         self._commit(mem, "ingest", _ingest_message(mem))
                         last_commit = time.perf_counter()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import InputError, StoreError
 from .repo import INFO, Repo, Store, Verification, _check_format, _fsync_dir, _private_dir
@@ -16,26 +18,50 @@ from .repo import INFO, Repo, Store, Verification, _check_format, _fsync_dir, _p
 ROOT = "memllm-memory"  # every member of an export lies under this folder
 
 
-def export(repo: Repo, target: Path) -> int:
-    """Write everything but the lock and the caches to `target`, atomically; returns the
-    number of files."""
+def members(repo: Repo) -> list[str]:
+    """What an export holds: everything but the lock and the caches."""
     folder = repo.folder
-    members = [INFO, "journal.jsonl"] + [
+    return [INFO, "journal.jsonl"] + [
         str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
         for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
     ]
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+
+
+def write(repo: Repo, stream: BinaryIO) -> int:
+    """Stream the export to a binary stream (a pipe is fine); returns the number of files."""
+    names = members(repo)
+    with tarfile.open(fileobj=stream, mode="w|") as tar:
+        for member in names:
+            if (repo.folder / member).is_file():
+                tar.add(repo.folder / member, arcname=f"{ROOT}/{member}", recursive=False)
+    return len(names)
+
+
+def export(repo: Repo, target: Path, *, force: bool = False) -> int:
+    """Write the export to `target` atomically; returns the number of files. An existing
+    regular file is replaced only with `force`; a symlink, FIFO, device or folder never."""
+    if os.path.lexists(target):
+        if target.is_symlink() or not stat.S_ISREG(target.lstat().st_mode):
+            raise InputError(f"{target} exists and is not a regular file; memllm export never replaces it",
+                             hint="choose another path, or - to write the archive to stdout")
+        if not force:
+            raise InputError(f"{target} exists", hint="pass --force to replace it, or choose another path")
     try:
-        with tarfile.open(tmp, "w") as tar:
-            for member in members:
-                if (folder / member).is_file():
-                    tar.add(folder / member, arcname=f"{ROOT}/{member}", recursive=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(target)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            count = write(repo, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(target)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return len(members)
+    return count
 
 
 def import_(repo: Repo, source: Path) -> Verification:

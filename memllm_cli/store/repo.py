@@ -300,14 +300,17 @@ class Repo:
 
     def log_operation(self, entry: dict) -> None:
         path = self.folder / "journal.jsonl"
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            size = os.fstat(fd).st_size
-            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a crash cut the last line short
-            os.write(fd, (("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a crash cut the last line short
+                os.write(fd, (("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:  # os.write names no file: name the journal
+            raise OSError(err.errno, err.strerror, str(path)) from None
 
     def journal(self) -> list[dict]:
         """The journal's entries; lines that are not entries are left out (see `_journal`)."""
@@ -548,7 +551,12 @@ def _private_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)  # mode 0600
+    """Write `data` to `path` through a temporary file; an error names `path` (the file the
+    user's memory was writing), not the temporary file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)  # mode 0600
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -556,6 +564,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -17,7 +17,6 @@ from typing import BinaryIO
 from ..errors import InputError
 
 _GLOB_CHARS = set("*?[")
-_SNIFF = 8192
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def _read(path: Path) -> bytes:
 
 
 def _decode(data: bytes) -> str:
-    if b"\x00" in data[:_SNIFF]:
+    if b"\x00" in data:  # anywhere: a NUL byte is never text
         raise _NotText("is a binary file, not text")
     try:
         text = data.decode("utf-8-sig")

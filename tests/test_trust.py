@@ -1,0 +1,122 @@
+"""A memory you can trust from cron (issue 11, the parts done so far): pipes, exports that
+destroy nothing, honest warnings and counts."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from memllm_cli.errors import InputError, StoreError
+from memllm_cli.service import Memllm
+from memllm_cli.text.sources import Document, collect
+
+NOTE = "The tool shed code is 4417. The garden coordinator is Maria Okafor.\n\n"
+
+
+def memllm(*args, stdin: bytes = b"", env=None):
+    return subprocess.run([sys.executable, "-m", "memllm_cli", *args], input=stdin, capture_output=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def doc(name: str, text: str) -> Document:
+    import hashlib
+
+    return Document(name, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+@pytest.fixture
+def service(tiny_dir):
+    s = Memllm(model=str(tiny_dir))
+    s.ingest_documents([doc("a.md", NOTE * 3), doc("b.md", "Compost bins are behind the shed. " * 6)])
+    return s
+
+
+def test_a_reader_that_goes_away_ends_quietly_with_exit_0():
+    code = ("import sys\nclass Gone:\n    def write(self, s):\n        raise BrokenPipeError(32, 'Broken pipe')\n"
+            "    def flush(self):\n        raise BrokenPipeError(32, 'Broken pipe')\n"
+            "    def isatty(self):\n        return False\n"
+            "sys.stdout = Gone()\nfrom memllm_cli.cli import run\nrun(['--version'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == b""
+
+
+def test_an_empty_memory_name_is_not_default(env_model):
+    out = memllm("-m", "", "status")
+    assert out.returncode == 4 and b"invalid memory name ''" in out.stderr
+
+
+def test_a_nul_byte_anywhere_makes_a_file_binary(tmp_path):
+    late = tmp_path / "late.bin"
+    late.write_bytes(b"text " * 4000 + b"\x00" + b"more")
+    with pytest.raises(InputError, match="binary"):
+        collect([str(late)])
+
+
+def test_a_failed_first_ingest_leaves_no_memory_folder(tmp_path, isolated_home):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"nothing" * 10)
+    assert memllm("--model", str(fake), "ingest", "-", stdin=b"some text").returncode == 5
+    assert not (isolated_home / "memories" / "default").exists()
+
+
+def test_a_document_larger_than_the_pool_says_so(tiny_dir):
+    service = Memllm(model=str(tiny_dir), pool_size=512)
+    report = service.ingest_documents([doc("big.md", NOTE * 80)])
+    assert any("big.md is larger than the pool" in w and "long-term tier" in w for w in report.warnings)
+    small = service.ingest_documents([doc("small.md", NOTE)])
+    assert small.warnings == []
+
+
+def test_export_destroys_nothing(service, tmp_path):
+    target = tmp_path / "m.tar"
+    service.export(target)
+    with pytest.raises(InputError, match="exists"):
+        service.export(target)
+    assert service.export(target, force=True)["files"] > 0
+    (tmp_path / "mine.txt").write_text("the user's own file")
+    (tmp_path / "link.tar").symlink_to(tmp_path / "mine.txt")
+    os.mkfifo(tmp_path / "fifo.tar")
+    for special in ("link.tar", "fifo.tar"):
+        with pytest.raises(InputError, match="not a regular file"):
+            service.export(tmp_path / special, force=True)
+    assert (tmp_path / "mine.txt").read_text() == "the user's own file"
+    assert (tmp_path / "link.tar").is_symlink()
+
+
+def test_export_to_stdout_imports_elsewhere(service, tmp_path, env_model):
+    out = memllm("export", "-")
+    assert out.returncode == 0 and out.stderr == b""
+    (tmp_path / "s.tar").write_bytes(out.stdout)
+    assert tarfile.is_tarfile(tmp_path / "s.tar")
+    imported = memllm("-m", "copy", "import", str(tmp_path / "s.tar"))
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(memllm("-m", "copy", "status", "--json").stdout)["tokens"] == service.status()["tokens"]
+
+
+def test_a_damaged_memory_is_not_exported_unless_forced(service, tmp_path):
+    block = next(iter(service.repo.blocks()))
+    path = service.repo.folder / "blocks" / f"{block}.safetensors"
+    path.write_bytes(path.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(StoreError, match="is damaged"):
+        service.export(tmp_path / "bad.tar")
+    assert not (tmp_path / "bad.tar").exists()
+    assert service.export(tmp_path / "bad.tar", force=True)["files"] > 0
+
+
+def test_forgotten_documents_are_not_counted_as_readable(service):
+    service.forget(["b.md"])
+    rows = {r["source"]: r for r in service.diff()["sources"]}
+    assert rows["b.md"]["dropped"] > 0 and rows["b.md"]["long_term"] == 0
+
+
+def test_purge_leaves_true_counts_in_log_and_snapshots(service):
+    service.snapshot_create("both")
+    held = service.status()["tokens"]
+    service.forget(["b.md"], purge=True)
+    b_tokens = held - service.status()["tokens"]
+    assert b_tokens > 0
+    assert service.snapshot_list()[0]["tokens"] == held - b_tokens  # the snapshot no longer holds b.md
+    assert all(e["tokens"] <= held - b_tokens for e in service.log())
