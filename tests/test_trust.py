@@ -120,3 +120,91 @@ def test_purge_leaves_true_counts_in_log_and_snapshots(service):
     assert b_tokens > 0
     assert service.snapshot_list()[0]["tokens"] == held - b_tokens  # the snapshot no longer holds b.md
     assert all(e["tokens"] <= held - b_tokens for e in service.log())
+
+
+# -- notes change: a document is updated, not duplicated -----------------------------------
+
+def test_an_edited_file_replaces_its_old_text_in_one_version(tmp_path, tiny_dir):
+    from memllm_cli.memory import recall
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("The guest Wi-Fi password is tulip-42.\n\n" + NOTE)
+    service = Memllm(model=str(tiny_dir))
+    service.ingest([str(notes)])
+    versions = len(service.log())
+    notes.write_text("The guest Wi-Fi password is daisy-77.\n\n" + NOTE)
+    report = service.ingest([str(notes)])
+    assert report.updated == [str(notes.resolve())] and report.chunks == 1
+    assert len(service.log()) == versions + 1 and "(updated)" in service.log()[0]["message"]
+    status = service.status()
+    assert [s["name"] for s in status["sources"]] == [str(notes.resolve())]
+    assert status["tokens"] == report.tokens  # the old text left the pool
+    mem = service.load()
+    texts = [service.model().tokenizer.decode(c.ids) for c in recall.index(mem, service.model().tokenizer).candidates]
+    assert texts and all("daisy" in t and "tulip" not in t for t in texts)  # the long-term tier has only the new text
+    (row,) = service.diff()["sources"]
+    assert row["added"] > 0 and row["dropped"] > 0 and row["long_term"] == 0
+    service.rollback("HEAD~1")  # history keeps the old text
+    texts = [service.model().tokenizer.decode(c.ids) for c in recall.index(service.load(), service.model().tokenizer)
+             .candidates]
+    assert any("tulip" in t for t in texts) and not any("daisy" in t for t in texts)
+
+
+def test_one_file_under_two_spellings_is_one_document(tmp_path, tiny_dir, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    notes = tmp_path / "notes.md"
+    notes.write_text(NOTE)
+    monkeypatch.chdir(tmp_path / "sub")
+    service = Memllm(model=str(tiny_dir))
+    service.ingest(["../notes.md"])
+    again = service.ingest([str(notes)])
+    assert again.chunks == 0 and len(service.status()["sources"]) == 1
+    notes.write_text(NOTE + "A new line about the compost.\n")
+    assert service.ingest([str(notes)]).updated and len(service.status()["sources"]) == 1
+    assert service.forget(["../notes.md"])["forgotten"] == [str(notes.resolve())]
+
+
+def test_sync_mirrors_a_folder_and_is_a_no_op_when_nothing_changed(tmp_path, tiny_dir):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.md").write_text(NOTE)
+    (folder / "b.md").write_text("Compost bins are behind the shed. " * 5)
+    outside = tmp_path / "other.md"
+    outside.write_text("A note outside the mirrored folder. " * 5)
+    service = Memllm(model=str(tiny_dir))
+    service.ingest([str(outside)])
+    service.ingest([str(folder)], sync=True)
+    (folder / "b.md").unlink()
+    (folder / "a.md").write_text(NOTE + "The meeting moved to Thursday.\n")
+    (folder / "c.md").write_text("The seed order arrives in March. " * 5)
+    versions = len(service.log())
+    report = service.ingest([str(folder)], sync=True)
+    assert report.removed == [str((folder / "b.md").resolve())] and report.updated == [str((folder / "a.md").resolve())]
+    assert len(service.log()) == versions + 1  # one version
+    names = sorted(s["name"] for s in service.status()["sources"])
+    assert names == sorted(str(p.resolve()) for p in (outside, folder / "a.md", folder / "c.md"))
+    quiet = service.ingest([str(folder)], sync=True)
+    assert quiet.chunks == 0 and quiet.removed == [] and len(service.log()) == versions + 1  # cron: nothing new
+
+
+def test_stdin_is_one_document_per_name(tiny_dir):
+    import io
+
+    service = Memllm(model=str(tiny_dir))
+    service.ingest(["-"], stdin=io.BytesIO(b"First log entry. " * 5), name="git-log")
+    report = service.ingest(["-"], stdin=io.BytesIO(b"Second log entry. " * 5), name="git-log")
+    assert report.updated == ["git-log"] and len(service.status()["sources"]) == 1
+    service.ingest(["-"], stdin=io.BytesIO(b"Unnamed text. " * 5))
+    service.ingest(["-"], stdin=io.BytesIO(b"Other unnamed text. " * 5))
+    assert len(service.status()["sources"]) == 3  # unnamed stdin: each text its own document
+
+
+def test_an_edited_document_replaces_itself_in_a_trained_memory(tmp_path):
+    from memllm_cli.random_checkpoints import save_trained
+
+    service = Memllm(model=str(save_trained(tmp_path / "ckpt", "main")), memory="t")
+    service.ingest_documents([doc("n.md", NOTE * 2)])
+    report = service.ingest_documents([doc("n.md", NOTE * 2 + "The meeting moved to Thursday evening.")])
+    assert report.updated == ["n.md"]
+    (entry,) = service.status()["sources"]
+    assert entry["revision"] == 2 and entry["held"] == entry["written"]

@@ -19,19 +19,25 @@ from .render import emit, err, interactive, progress_bar, show, size, table
 def ingest(
     ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for stdin.")],
-    force: Annotated[bool, typer.Option("--force", help="Write content again even if already in memory.")] = False,
+    sync: Annotated[bool, typer.Option("--sync", help="Mirror the folders named: documents under them whose files "
+                                       "are gone are forgotten (in the same version).")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Name standard input (-): a later ingest under the "
+                                             "same name replaces it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write documents again even if unchanged.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Write text into memory: chunks of at most 512 tokens, one update each.
+    """Write text into memory: chunks of at most 512 tokens, one update each. A file is one
+    document by its resolved path: an edited file replaces its earlier text.
 
     Examples:
       memllm ingest notes.txt
       memllm ingest docs/ 'journal/*.md'
-      git log -5 | memllm -m work ingest -
+      memllm ingest --sync ~/notes          (in cron: a no-op when nothing changed)
+      git log -5 | memllm -m work ingest --name git-log -
     """
     progress = progress_bar() if sys.stderr and sys.stderr.isatty() and not as_json else None
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
-    report = service(ctx).ingest(paths, stdin=stdin, force=force, progress=progress)
+    report = service(ctx).ingest(paths, stdin=stdin, name=name, force=force, sync=sync, progress=progress)
     for skipped in report.skipped:
         err(f"memllm: skipped {skipped['path']}: {skipped['reason']}")
     for warning in report.warnings:
@@ -40,6 +46,10 @@ def ingest(
     def text() -> None:
         if report.unchanged:
             err(f"memllm: {len(report.unchanged)} unchanged, already in memory (use --force to write again)")
+        for updated in report.updated:
+            err(f"memllm: updated {updated}: its new text replaces the old")
+        for removed in report.removed:
+            err(f"memllm: forgot {removed}: its file is gone")
         print(f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
               f"in {report.seconds:.1f} s; memory {report.memory!r} holds {report.tokens_held}/{report.pool_size} "
               f"{report.unit} ({report.fill:.0%})" + (f", {report.dropped} dropped" if report.dropped else ""))

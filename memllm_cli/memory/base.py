@@ -135,6 +135,13 @@ class Memory(ABC):
         self.sources.append({"name": name, "sha256": sha256, "chunks": 0, "tokens": 0, "ingested": now()})
         return len(self.sources) - 1
 
+    def live_source(self, identity: str | None) -> int | None:
+        """The source that holds document `identity` now (the newest live one), if any."""
+        if identity is None:
+            return None
+        found = [i for i, s in enumerate(self.sources) if s["name"] == identity and not s.get("forgotten")]
+        return found[-1] if found else None
+
     def has_content(self, sha256: str) -> bool:
         return any(s["sha256"] == sha256 and not s.get("forgotten") for s in self.sources)
 
@@ -252,7 +259,8 @@ class Memory(ABC):
                 continue
             row = {"name": s["name"], "sha256": s["sha256"], "chunks": s["chunks"], "tokens_written": s["tokens"],
                    "tokens_held": held[i], **self._long_term_entry(s, long_term[i]),
-                   "written": self.written(s), "held": held[i], "long_term": long_term[i]}  # in `unit`
+                   "written": self.written(s), "held": held[i], "long_term": long_term[i],  # in `unit`
+                   "revision": s.get("revision", 1)}  # 2 and up: updated by re-ingesting an edited document
             for t in (10, 100):
                 row[f"pool_after_{t}"] = round(forecast(held[i], self.forecast_base(), self.pool_size,
                                                         self.per_update(), t))

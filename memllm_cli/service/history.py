@@ -104,30 +104,34 @@ class History(Session):
         return self._diff(self.repo.resolve(a), self.repo.resolve(b))
 
     def _diff(self, a: str, b: str) -> dict:
+        """Rows per document: an edited document is one row (its identity is its name; unnamed
+        stdin and purged documents are told apart by content)."""
         sides = []
         for version in (a, b):
             tensors, meta = self.repo.read_version(version)
-            kind = memory.for_version(meta)
-            sides.append((kind.pool_keys(tensors, meta), {s["sha256"]: kind.version_written(s)
-                                                          for s in meta["sources"]}))
-        (old, _), (new, written) = sides
+            sides.append({key: _identity(*doc) for key, doc in
+                          memory.for_version(meta).pool_keys(tensors, meta).items()})
+        old, new = sides
         meta_b = self.repo.version_meta(b)
         kind = memory.for_version(meta_b)
         layers = kind.version_layers(meta_b)
-        rows: dict[str, dict] = {}
-        for key, (sha, source) in {**old, **new}.items():
-            row = rows.setdefault(sha, {"source": source, "sha256": sha, "added": 0, "dropped": 0, "held": 0,
-                                        "written": written.get(sha, 0)})
+        latest = {_identity(s["sha256"], s["name"]): s for s in meta_b["sources"]}  # each document's newest text
+        rows: dict[tuple[str, str], dict] = {}
+        for key, ident in {**old, **new}.items():
+            src = latest.get(ident)
+            row = rows.setdefault(ident, {"source": ident[1], "sha256": src["sha256"] if src else ident[0],
+                                          "added": 0, "dropped": 0, "held": 0,
+                                          "written": kind.version_written(src) if src else 0})
             row["added"] += key in new and key not in old
             row["dropped"] += key in old and key not in new
             row["held"] += key in new
         per_update, pool = kind.version_forecast(meta_b)
-        forgotten = {s["sha256"] for s in meta_b["sources"] if s.get("forgotten")}  # ask no longer reads them
-        for row in rows.values():
+        for ident, row in rows.items():
             for k in ("added", "dropped", "held"):
                 row[k] = round(row[k] / layers)
             row["retained"] = round(row["held"] / row["written"], 4) if row["written"] else 0.0
-            row["long_term"] = max(0, row["written"] - row["held"]) if row["sha256"] not in forgotten | {""} else 0
+            readable = row["sha256"] and ident in latest and not latest[ident].get("forgotten")  # ask reads it
+            row["long_term"] = max(0, row["written"] - row["held"]) if readable else 0
             for t in (10, 100):
                 row[f"pool_after_{t}"] = round(forecast(row["held"], pool, meta_b["pool_size"], per_update, t))
         totals = {k: sum(r[k] for r in rows.values()) for k in ("added", "dropped", "held")}
@@ -320,6 +324,12 @@ class History(Session):
                         "versions": len(repo.versions()), "snapshots": len(repo.tags()),
                         "disk_bytes": repo.disk_bytes()})
         return out
+
+
+def _identity(sha256: str, name: str) -> tuple[str, str]:
+    """What makes rows the same document in a diff: the name, except where names do not tell
+    documents apart (unnamed stdin, purged documents): there the content."""
+    return (sha256, name) if name in ("<stdin>", "<purged>") else ("", name)
 
 
 def _match_sources(sources: list[dict], wanted: list[str], *, include_forgotten: bool = False) -> list[int]:

@@ -7,6 +7,7 @@ and the model; the memory kinds (memory/) decide what writing, reading and count
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ class IngestReport:
     tokens_held: int
     pool_size: int
     unchanged: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)  # documents whose new text replaced the old
+    removed: list[str] = field(default_factory=list)  # --sync: documents whose files are gone
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unit: str = "tokens"  # of tokens_held and pool_size; "rows per layer" for MemoryLLM checkpoints
@@ -202,12 +205,18 @@ class Session:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def ingest(self, paths: list[str], *, stdin: BinaryIO | None = None, force: bool = False,
-               progress: Progress | None = None) -> IngestReport:
-        """Write files, folders, globs or stdin ("-") into the memory, one update per chunk."""
-        return self.ingest_documents(collect(paths, stdin), force=force, progress=progress)
+    def ingest(self, paths: list[str], *, stdin: BinaryIO | None = None, name: str | None = None,
+               force: bool = False, sync: bool = False, progress: Progress | None = None) -> IngestReport:
+        """Write files, folders, globs or stdin ("-", named `name`) into the memory, one update
+        per chunk. A document already in memory (by resolved path, or by name) whose content
+        changed replaces its earlier text. With `sync`, the memory mirrors the folders named:
+        documents under them whose files are gone are forgotten, in the same version."""
+        if name is not None and not name.strip():
+            raise UsageError("--name must not be empty")
+        return self.ingest_documents(collect(paths, stdin, stdin_name=name), force=force, sync=sync,
+                                     progress=progress)
 
-    def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False,
+    def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False, sync: bool = False,
                          progress: Progress | None = None) -> IngestReport:
         if isinstance(collected, list):
             collected = Collected(collected)
@@ -215,12 +224,13 @@ class Session:
         started = time.perf_counter()
         existed = self.repo.exists()
         try:
-            return self._ingest(collected, force, progress, started)
+            return self._ingest(collected, force, sync, progress, started)
         finally:
             if not existed:
                 self.repo.remove_if_empty()  # a first ingest that failed before creating the memory
 
-    def _ingest(self, collected: Collected, force: bool, progress: Progress, started: float) -> IngestReport:
+    def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress,
+                started: float) -> IngestReport:
         name = self.memory_name
         with self.repo.lock(self.settings.lock_timeout):
             info = self._open(locked=True) if self.repo.exists() else None
@@ -235,18 +245,29 @@ class Session:
                                   skipped=[{"path": p, "reason": r} for p, r in collected.skipped], unit=mem.unit)
             plan, planned = [], set()
             for doc in collected.documents:
-                if doc.sha256 in planned or (mem.has_content(doc.sha256) and not force):
+                old = mem.live_source(doc.identity)
+                same = old is not None and mem.sources[old]["sha256"] == doc.sha256
+                if doc.sha256 in planned or (not force and (same or (old is None and mem.has_content(doc.sha256)))):
                     report.unchanged.append(doc.name)
-                else:
-                    planned.add(doc.sha256)
-                    chunks = chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)
-                    plan.append((doc, chunks))
-                    report.warnings += mem.check_chunks(doc.name, chunks)
-            progress.start(sum(len(c.ids) for _, chunks in plan for c in chunks), f"ingesting into {name}")
+                    continue
+                planned.add(doc.sha256)
+                chunks = chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)
+                plan.append((doc, chunks, old))
+                report.warnings += mem.check_chunks(doc.name, chunks)
+                if old is not None:
+                    report.updated.append(doc.name)
+            gone = _deleted(mem, collected) if sync else []
+            report.removed = [mem.sources[i]["name"] for i in gone]
+            progress.start(sum(len(c.ids) for _, chunks, _ in plan for c in chunks), f"ingesting into {name}")
             last_commit = time.perf_counter()
             try:
-                for doc, chunks in plan:
+                if gone:
+                    mem.forget(set(gone))
+                for doc, chunks, old in plan:
+                    if old is not None:  # an edited document replaces its earlier text, in the same version
+                        mem.forget({old})
                     source = mem.add_source(doc.name, doc.sha256)
+                    mem.sources[source]["revision"] = mem.sources[old].get("revision", 1) + 1 if old is not None else 1
                     for chunk in chunks:
                         update = mem.write(chunk.ids, source=source, chunk=chunk.index, span=(chunk.start, chunk.end))
                         report.chunks += 1
@@ -257,12 +278,12 @@ class Session:
                     if note := mem.larger_than_pool(source):
                         report.warnings.append(note)
                     if time.perf_counter() - last_commit > CHECKPOINT_SECONDS:
-                        self._commit(mem, "ingest", _ingest_message(mem))
+                        self._commit(mem, "ingest", _ingest_message(mem, report))
                         last_commit = time.perf_counter()
             finally:
                 progress.finish()
-            if mem.updates:
-                self._commit(mem, "ingest", _ingest_message(mem))
+            if mem.updates or gone or report.updated:
+                self._commit(mem, "ingest", _ingest_message(mem, report))
                 mem.prepare_reads()
         report.tokens_held = len(mem)
         report.seconds = time.perf_counter() - started
@@ -331,7 +352,23 @@ class Session:
         }
 
 
-def _ingest_message(mem: Memory) -> str:
+def _ingest_message(mem: Memory, report: IngestReport) -> str:
+    updated = set(report.updated)
     names = list(dict.fromkeys(mem.sources[u["source"]]["name"] for u in mem.updates))
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    names = [f"{n} (updated)" if n in updated else n for n in names]
+    shown = _listed(names)
+    if report.removed:
+        shown = f"{shown}; forget {_listed(report.removed)}" if shown else f"forget {_listed(report.removed)}"
     return f"ingest {shown}"
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _deleted(mem: Memory, collected: Collected) -> list[int]:
+    """Live documents under the folders collected whose files were not found again."""
+    found = {d.identity for d in collected.documents}
+    roots = [folder.rstrip(os.sep) + os.sep for folder in collected.folders]
+    return [i for i, s in enumerate(mem.sources) if not s.get("forgotten") and s["name"] not in found
+            and any(s["name"].startswith(root) for root in roots)]

@@ -19,24 +19,36 @@ from ..errors import InputError
 _GLOB_CHARS = set("*?[")
 
 
+STDIN = "<stdin>"
+
+
 @dataclass(frozen=True)
 class Document:
-    name: str  # what the user sees: the path as found, or "<stdin>"
+    name: str  # the resolved path of a file, the name given to text (--name), or "<stdin>"
     text: str
     sha256: str  # of the UTF-8 bytes: re-ingesting the same content is a no-op
+
+    @property
+    def identity(self) -> str | None:
+        """What makes two ingests the same document: its name, so an edited file replaces
+        its earlier text. Unnamed standard input has none: each text is its own document."""
+        return None if self.name == STDIN else self.name
 
 
 @dataclass
 class Collected:
     documents: list[Document] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    folders: list[str] = field(default_factory=list)  # resolved folders named (what --sync mirrors)
 
 
 class _NotText(Exception):
     pass
 
 
-def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
+def collect(paths: list[str], stdin: BinaryIO | None = None, *, stdin_name: str | None = None) -> Collected:
+    """Documents from files, folders, globs and "-" (stdin, named `stdin_name` if given).
+    A file's name is its resolved path, so two spellings of one file are one document."""
     if not paths:
         raise InputError("nothing to ingest", hint="name files, folders, globs, or - for stdin")
     result = Collected()
@@ -50,12 +62,13 @@ def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
             if stdin is None:
                 raise InputError("- means standard input, but there is none")
             try:
-                add("<stdin>", stdin.read())
+                add(stdin_name or STDIN, stdin.read())
             except _NotText as err:
                 raise InputError(f"standard input {err}") from None
             continue
         path = Path(raw).expanduser()
         if path.is_dir():
+            result.folders.append(str(path.resolve()))
             if not _add_files(_walk(path), result, seen, add):
                 raise InputError(f"{raw}: no text files in this folder", hint=_skipped_hint(result, raw))
         elif path.exists():
@@ -64,7 +77,7 @@ def collect(paths: list[str], stdin: BinaryIO | None = None) -> Collected:
                 continue
             seen.add(key)
             try:
-                add(str(path), _read(path))
+                add(key, _read(path))
             except _NotText as err:
                 raise InputError(f"{raw} {err}") from None
         elif _GLOB_CHARS & set(raw):
@@ -89,7 +102,7 @@ def _add_files(files, result: Collected, seen: set[str], add) -> int:
             continue
         seen.add(key)
         try:
-            add(str(file), _read(file))
+            add(key, _read(file))
             texts += 1
         except _NotText as err:
             result.skipped.append((str(file), str(err).removeprefix("is ")))
