@@ -208,3 +208,47 @@ def test_an_edited_document_replaces_itself_in_a_trained_memory(tmp_path):
     assert report.updated == ["n.md"]
     (entry,) = service.status()["sources"]
     assert entry["revision"] == 2 and entry["held"] == entry["written"]
+
+
+# -- damage is detected where it is read, and never spreads ---------------------------------
+
+def test_a_lost_head_is_damage_and_repair_restores_it(service, tiny_dir):
+    service.snapshot_create("one")
+    service.ingest_documents([doc("c.md", "The seed order arrives in March. " * 5)])
+    head, versions = service.repo.head(), len(service.repo.versions())
+    (service.repo.folder / "refs" / "HEAD").unlink()
+    report = service.verify()
+    assert not report["ok"] and any("refs/HEAD is missing" in d for d in report["damaged"])
+    for call in (service.status, lambda: service.ingest_documents([doc("d.md", NOTE)]), service.gc):
+        with pytest.raises(StoreError):
+            call()
+    assert len(service.repo.versions()) == versions  # no new root over the history, nothing deleted
+    listed = {m["memory"]: m for m in Memllm(model=str(tiny_dir), memory="other").list_memories()}
+    assert "damaged" in listed["default"]
+    assert service.repair(dry_run=True)["head"] == head and service.repo.head() is None
+    assert service.repair()["head"] == head and service.verify()["ok"]
+    assert service.repair()["problem"] is None  # intact: nothing to do
+
+
+def test_a_rollback_to_a_snapshot_works_while_head_is_garbled(service):
+    service.snapshot_create("one")
+    target = service.repo.head()
+    service.ingest_documents([doc("c.md", "The seed order arrives in March. " * 5)])
+    (service.repo.folder / "refs" / "HEAD").write_text("not a version\n")
+    result = service.rollback("one")
+    assert result["to"] == target and service.repo.head() == target and service.verify()["ok"]
+
+
+def test_a_damaged_block_stops_writes_until_its_document_is_forgotten(service):
+    versions = len(service.repo.versions())
+    tensors, meta = service.repo.read_version(service.repo.head())
+    damaged = next(b for b in meta["blocks"] if service.repo.block_meta(b)["source"] == "b.md")
+    path = service.repo.folder / "blocks" / f"{damaged}.safetensors"
+    path.write_bytes(path.read_bytes()[:-4] + b"XXXX")
+    with pytest.raises(StoreError, match=r"block\(s\) of HEAD \(b.md\)"):
+        service.ingest_documents([doc("c.md", "The seed order arrives in March. " * 5)])
+    with pytest.raises(StoreError, match="damaged"):
+        service.forget(["a.md"])  # what would remain still holds the damage
+    assert len(service.repo.versions()) == versions  # nothing was committed on top of it
+    service.forget(["b.md"])
+    assert service.ingest_documents([doc("c.md", "The seed order arrives in March. " * 5)]).chunks == 1

@@ -160,6 +160,10 @@ def list_(
         if not memories:
             err("memllm: no memories yet: memllm ingest FILE creates one")
         for m in memories:
+            if "damaged" in m:
+                print(f"{m['memory']}  damaged: {m['damaged']}  {size(m['disk_bytes'])}  (see memllm -m "
+                      f"{m['memory']} verify)")
+                continue
             print(f"{m['memory']}  {m['tokens']}/{m['pool_size']} {m['unit']}  {m['versions']} versions  "
                   f"{m['snapshots']} snapshots  {size(m['disk_bytes'])}  {m['model']}")
 
@@ -262,6 +266,12 @@ def snapshot_rollback(
     """
     memllm = service(ctx)
     plan = memllm.rollback(target, dry_run=True)
+    if plan["from"] is None:  # HEAD was lost: a rollback repairs it (nothing to diff against)
+        if not dry_run:
+            plan = memllm.rollback(target)
+        emit(plan, as_json, lambda: print(f"HEAD was damaged ({plan['repaired']['problem']}); "
+                                          f"{'it would now name' if dry_run else 'it now names'} {plan['to'][:12]}"))
+        return
     if not as_json:
         err(f"memllm: rollback {plan['from'][:12]} -> {plan['to'][:12]} ({target}): "
             f"+{plan['diff']['totals']['added']} -{plan['diff']['totals']['dropped']} {plan['unit']}")
@@ -275,6 +285,32 @@ def snapshot_rollback(
             raise typer.Exit(1)
     result = memllm.rollback(target, plan=plan)
     emit(result, as_json, lambda: print(f"HEAD is now {result['version'][:12]} (the pool of {result['to'][:12]})"))
+
+
+@app.command()
+def repair(
+    ctx: typer.Context,
+    to: Annotated[str | None, typer.Option("--to", help="A snapshot or version id for HEAD (default: the newest "
+                                           "intact version the journal records as committed).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what HEAD would name.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Restore a lost or garbled HEAD. Nothing else is changed: versions and blocks stay.
+
+    Examples:
+      memllm verify || memllm repair
+      memllm repair --to before-import
+    """
+    result = service(ctx).repair(to, dry_run=dry_run)
+
+    def text() -> None:
+        if result["problem"] is None:
+            print(f"HEAD is intact ({(result['head'] or 'no versions yet')[:12]}); nothing to repair")
+        else:
+            print(f"HEAD was damaged ({result['problem']}); {'it would name' if dry_run else 'it now names'} "
+                  f"{result['head'][:12]}")
+
+    emit(result, as_json, text)
 
 
 @app.command()

@@ -78,6 +78,10 @@ class History(Session):
         repo = self.repo
         with repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
+            if self._head_problem() is not None:  # HEAD itself is lost: point it at the target (a repair)
+                repaired = self._repair(repo.resolve(target), dry_run)
+                return {"from": None, "to": repaired["head"], "target": target, "diff": None, "dry_run": dry_run,
+                        "unit": None, "version": repaired["head"], "repaired": repaired}
             head, version = repo.resolve("HEAD"), repo.resolve(target)
             if plan is not None and (plan["from"], plan["to"]) != (head, version):
                 raise Busy(f"memory {self.memory_name!r} changed since the rollback was planned "
@@ -138,6 +142,47 @@ class History(Session):
         return {"from": a, "to": b, "sources": sorted(rows.values(), key=lambda r: r["source"]), "totals": totals,
                 "unit": kind.unit}
 
+    # -- repair ------------------------------------------------------------------------
+
+    def repair(self, target: str | None = None, *, dry_run: bool = False) -> dict:
+        """Point a lost or garbled HEAD at `target` (a snapshot or version id), by default at
+        the newest version the journal records as committed whose file is intact."""
+        with self.repo.lock(self.settings.lock_timeout):
+            self._open(locked=True)
+            if self._head_problem() is None:
+                if target is not None:
+                    raise InputError("HEAD is intact; nothing to repair", hint="memllm snapshot rollback moves it")
+                return {"memory": self.memory_name, "problem": None, "head": self.repo.head(), "repaired": False,
+                        "dry_run": dry_run}
+            version = self.repo.resolve(target) if target else self.repo.last_committed()
+            if version is None:
+                raise StoreError(f"memory {self.memory_name!r}: the journal names no intact committed version",
+                                 hint="memllm repair --to VERSION (ids are the names in its versions/ folder)")
+            return self._repair(version, dry_run)
+
+    def _repair(self, version: str, dry_run: bool) -> dict:
+        problem = self._head_problem()
+        if self.repo.damaged_versions({version}):
+            raise StoreError(f"version {version[:12]} is damaged too",
+                             hint="choose another: memllm repair --to VERSION")
+        if not dry_run:
+            self.repo.set_head(version)
+            self.repo.log_operation({"time": now(), "op": "repair", "version": version, "problem": problem})
+        return {"memory": self.memory_name, "problem": problem, "head": version, "repaired": not dry_run,
+                "dry_run": dry_run}
+
+    def _head_problem(self) -> str | None:
+        """What is wrong with refs/HEAD, or None when it names an existing version (or the
+        memory has no version yet)."""
+        try:
+            head = self.repo.head()
+        except StoreError as err:
+            return err.message.split(": ", 1)[-1]
+        versions = self.repo.versions()
+        if head is None:
+            return "refs/HEAD is missing" if versions else None
+        return None if head in versions else f"refs/HEAD names version {head[:12]}, which is missing"
+
     # -- forgetting --------------------------------------------------------------------
 
     def forget(self, sources: list[str], *, purge: bool = False) -> dict:
@@ -153,6 +198,7 @@ class History(Session):
             chosen = _match_sources(mem.sources, sources, include_forgotten=purge)
             shas = {mem.sources[i]["sha256"] for i in chosen}
             held = mem.forget(set(chosen))
+            self.check_head(mem)  # forgetting the damaged documents is allowed: what remains must be intact
             names = [mem.sources[i]["name"] for i in chosen]
             version = self._commit(mem, "forget", "forget " + ", ".join(names), forgotten=names)
             result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(mem),
@@ -237,6 +283,10 @@ class History(Session):
         keep_long_term = keep_long_term if keep_long_term is not None else self.settings.gc_keep_long_term
         with repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
+            report = repo.verify()
+            if not report.ok:  # what gc would delete is decided from refs and versions that may be wrong
+                raise StoreError(f"memory {self.memory_name!r} is damaged ({report.damaged[0]}); gc deletes nothing",
+                                 hint="see memllm verify; memllm repair restores a lost HEAD")
             keep = repo.reachable(keep_versions)
             versions = [v for v in repo.versions() if v not in keep]
             used = {b for v in keep for b in repo.version_meta(v).get("blocks", [])}
@@ -316,9 +366,15 @@ class History(Session):
         out = []
         for name in self.store.names():
             repo = self.store.open(name)
-            info = repo.info()
-            head = repo.head()
-            meta = repo.version_meta(head) if head else info
+            try:
+                info = repo.info()
+                head = repo.head()
+                if head is None and repo.versions():
+                    raise StoreError("refs/HEAD is missing")
+                meta = repo.version_meta(head) if head else info
+            except StoreError as err:  # one damaged memory does not hide the others
+                out.append({"memory": name, "damaged": err.message, "disk_bytes": repo.disk_bytes()})
+                continue
             out.append({"memory": name, "model": info["model"]["name"], "tokens": meta["stats"]["tokens"] if head
                         else 0, "unit": memory.for_version(meta).unit, "pool_size": info["pool_size"],
                         "versions": len(repo.versions()), "snapshots": len(repo.tags()),

@@ -16,7 +16,7 @@ from typing import BinaryIO
 from .. import __version__, memory
 from ..clock import now
 from ..config import Settings, load_settings
-from ..errors import InputError, MemoryNotFound, ModelError, UsageError
+from ..errors import InputError, MemoryNotFound, ModelError, StoreError, UsageError
 from ..memory import Memory, Sampling
 from ..memory.base import CHUNK_TOKENS
 from ..model.loading import EMBEDDED, LoadedModel, load_model
@@ -171,10 +171,30 @@ class Session:
         `model`, no model is loaded (counts only)."""
         version = version or self.repo.head()
         if version is None:
+            if self.repo.versions():  # never start a new root over existing history
+                raise StoreError(f"memory {self.memory_name!r} is damaged: refs/HEAD is missing, though it has "
+                                 f"{len(self.repo.versions())} versions", hint="memllm repair restores it")
             return None
         tensors, meta = self.repo.read_version(version)
         lm = self.model(self.repo.info()) if model or states else None
         return memory.for_version(meta).load(version, tensors, meta, lm, self.repo, states=states)
+
+    def check_head(self, mem: Memory) -> None:
+        """Refuse to build on a pool whose blocks are damaged: a commit would carry the damage on."""
+        tensors, meta = mem.version_record("check")
+        damaged = self.repo.damaged_blocks(mem.held_blocks(tensors, meta))
+        if damaged:
+            names = sorted({self._block_source(b) for b in damaged})
+            raise StoreError(f"memory {self.memory_name!r} is damaged: {len(damaged)} block(s) of HEAD "
+                             f"({', '.join(names[:3])}) are missing or corrupt; nothing was written",
+                             hint="see memllm verify; memllm snapshot rollback to an intact version, or "
+                                  "memllm forget the damaged documents")
+
+    def _block_source(self, block: str) -> str:
+        try:
+            return self.repo.block_meta(block).get("source", block[:12])
+        except StoreError:
+            return f"block {block[:12]}"
 
     def _commit(self, mem: Memory, op: str, message: str = "", **extra) -> str:
         """Write pending blocks, then the version, then move HEAD: a crash leaves HEAD intact."""
@@ -236,6 +256,8 @@ class Session:
             info = self._open(locked=True) if self.repo.exists() else None
             lm = self.model(info)
             mem = self.load() if info else None
+            if mem is not None:
+                self.check_head(mem)
             if mem is None:
                 mem = self.kind().create_for(lm, self.settings)
                 mem.library = self.repo

@@ -403,12 +403,51 @@ class Repo:
         for ref, version in refs.items():
             if version and version not in versions:
                 report.damaged.append(f"refs/{ref}: version {version[:12]} is missing")
+        if versions and not (folder / "refs" / "HEAD").exists():
+            report.damaged.append(f"refs/HEAD is missing, though the memory has {len(versions)} versions")
         _, torn = self._journal()
         if torn:
             lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
             report.damaged.append(f"journal.jsonl: line {lines} is not a journal entry")
         report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs)}
         return report
+
+    def damaged_blocks(self, blocks: set[str]) -> list[str]:
+        """Those of `blocks` whose file is missing or no longer hashes to its id."""
+        out = []
+        for block in sorted(blocks):
+            if block.startswith("@"):
+                continue  # a checkpoint's own rows
+            path = self.folder / "blocks" / f"{block}.safetensors"
+            try:
+                ok = hashlib.sha256(path.read_bytes()).hexdigest() == block
+            except OSError:
+                ok = False
+            if not ok:
+                out.append(block)
+        return out
+
+    def damaged_versions(self, versions: set[str]) -> list[str]:
+        """Those of `versions` whose file is missing or no longer hashes to its id."""
+        out = []
+        for version in sorted(versions):
+            try:
+                data = (self.folder / "versions" / f"{version}.safetensors").read_bytes()
+            except OSError:
+                data = b""
+            if hashlib.sha256(data).hexdigest() != version:
+                out.append(version)
+        return out
+
+    def last_committed(self) -> str | None:
+        """The newest version the journal records as committed whose file is intact."""
+        present = set(self.versions())
+        for entry in reversed(self.journal()):
+            version = entry.get("version")
+            if entry.get("op") in ("ingest", "forget", "rollback", "repair") and version in present \
+                    and not self.damaged_versions({version}):
+                return version
+        return None
 
     def _safe_ref(self, ref: str, report: Verification) -> str | None:
         try:
