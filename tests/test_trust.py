@@ -252,3 +252,28 @@ def test_a_damaged_block_stops_writes_until_its_document_is_forgotten(service):
     assert len(service.repo.versions()) == versions  # nothing was committed on top of it
     service.forget(["b.md"])
     assert service.ingest_documents([doc("c.md", "The seed order arrives in March. " * 5)]).chunks == 1
+
+
+# -- honest about time ------------------------------------------------------------------
+
+def test_a_waiting_writer_says_who_holds_the_lock(tmp_path, env_model, isolated_home):
+    import time
+    from pathlib import Path
+
+    (tmp_path / "first.md").write_text(NOTE)
+    assert memllm("ingest", str(tmp_path / "first.md")).returncode == 0
+    big = tmp_path / "big.md"
+    big.write_text("".join(f"Paragraph {i}. " + NOTE for i in range(1500)))
+    writer = subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    owner = Path(isolated_home) / "memories" / "default" / "lock.owner"
+    deadline = time.monotonic() + 120
+    while writer.poll() is None and not owner.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = memllm("ingest", "--json", "-", stdin=b"A second writer's note. " * 5)
+    writer.communicate(timeout=600)
+    assert writer.returncode == 0 and second.returncode == 0, second.stderr
+    waited = second.stderr.decode()
+    assert "waiting for memory 'default'" in waited and f"pid {writer.pid}" in waited and "big.md" in waited
+    assert json.loads(second.stdout)["seconds"] < 30  # the wait is not counted as ingest time
+    assert not owner.exists()

@@ -241,18 +241,17 @@ class Session:
         if isinstance(collected, list):
             collected = Collected(collected)
         progress = progress or NoProgress()
-        started = time.perf_counter()
         existed = self.repo.exists()
         try:
-            return self._ingest(collected, force, sync, progress, started)
+            return self._ingest(collected, force, sync, progress)
         finally:
             if not existed:
                 self.repo.remove_if_empty()  # a first ingest that failed before creating the memory
 
-    def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress,
-                started: float) -> IngestReport:
+    def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress) -> IngestReport:
         name = self.memory_name
         with self.repo.lock(self.settings.lock_timeout):
+            started = time.perf_counter()  # the time spent waiting for another writer is not ingest time
             info = self._open(locked=True) if self.repo.exists() else None
             lm = self.model(info)
             mem = self.load() if info else None

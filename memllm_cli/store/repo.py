@@ -29,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,6 +46,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
+
+log = logging.getLogger("memllm")
 
 FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -117,21 +122,41 @@ class Repo:
 
     @contextlib.contextmanager
     def lock(self, timeout: float) -> Iterator[None]:
+        """Hold the memory's write lock. A writer that has to wait says so at once (through
+        the "memllm" logger), naming the holder from `lock.owner` (pid, command, since when)."""
         folder = self.folder
         _private_dir(self.store.root)
         _private_dir(folder)
         lock = FileLock(str(folder / "lock"), timeout=timeout, mode=0o600)
         try:
-            lock.acquire()
+            lock.acquire(timeout=0)
         except Timeout:
-            raise Busy(
-                f"memory {self.name!r} is busy: another memllm process has been writing to it for over {timeout:.0f} s",
-                hint="wait for it to finish, or raise lock_timeout in the config file",
-            ) from None
+            log.info("waiting for memory %r: %s (lock_timeout %.0f s)", self.name, self.lock_owner(), timeout)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise Busy(
+                    f"memory {self.name!r} is busy: {self.lock_owner()} has been writing to it for over "
+                    f"{timeout:.0f} s", hint="wait for it to finish, or raise lock_timeout in the config file",
+                ) from None
         try:
+            owner = {"pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]}
+            with contextlib.suppress(OSError):
+                _atomic_write(folder / "lock.owner", json.dumps(owner).encode())
             yield
         finally:
+            with contextlib.suppress(OSError):
+                (folder / "lock.owner").unlink()
             lock.release()
+
+    def lock_owner(self) -> str:
+        """Who holds the write lock, as far as `lock.owner` tells."""
+        try:
+            owner = json.loads((self.folder / "lock.owner").read_text())
+            return f"another memllm process (pid {owner['pid']}, {owner['command']!r}, since {owner['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another memllm process"
 
     def disk_bytes(self) -> int:
         folder = self.folder
