@@ -277,3 +277,35 @@ def test_a_waiting_writer_says_who_holds_the_lock(tmp_path, env_model, isolated_
     assert "waiting for memory 'default'" in waited and f"pid {writer.pid}" in waited and "big.md" in waited
     assert json.loads(second.stdout)["seconds"] < 30  # the wait is not counted as ingest time
     assert not owner.exists()
+
+
+def test_logs_get_progress_lines_at_a_low_rate(capsys):
+    from memllm_cli.cli.render import LogProgress
+
+    quiet = LogProgress(every=3600)
+    quiet.start(100, "ingesting into notes")
+    quiet.advance(50, "a.md")
+    quiet.finish()
+    assert capsys.readouterr().err == ""  # short work: no lines at all
+    chatty = LogProgress(every=0)
+    chatty.start(100, "ingesting into notes")
+    chatty.advance(50, "a.md")
+    chatty.finish()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("memllm: ingesting into notes: 50/100 tokens (50%)") and "a.md" in lines[0]
+    assert lines[-1] == "memllm: ingesting into notes: done, 50 tokens"
+
+
+def test_names_and_piped_tables_stay_one_line_each(tmp_path, env_model):
+    from memllm_cli.cli.render import safe
+
+    assert safe("notes\nmore.md") == "notes\\nmore.md" and safe("plain.md") == "plain.md"
+    long = tmp_path / ("a-very-long-folder-name-" * 4) / "notes-with-a-long-name.md"
+    long.parent.mkdir()
+    long.write_text(NOTE)
+    odd = tmp_path / "two\nlines.md"
+    odd.write_text("Another note about the compost bins. " * 4)
+    assert memllm("ingest", str(long), str(odd)).returncode == 0
+    status = memllm("status").stdout.decode()
+    assert any(str(long) in line for line in status.splitlines())  # not folded to 80 columns
+    assert "two\\nlines.md" in status and memllm("log").stdout.decode().count("\n") == 1

@@ -24,7 +24,7 @@ app = typer.Typer(
     name="memllm",
     help="Give a language model a memory that keeps learning (MemoryLLM).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )

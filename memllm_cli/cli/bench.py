@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .app import app, service
-from .render import emit, err, progress_bar, show, size, table
+from .render import emit, err, progress_for, show, size, table
 
 bench_app = typer.Typer(
     help="The MemoryLLM paper's measurements on local data, with baselines: retention, speed, integrity.",
@@ -37,7 +36,7 @@ def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, 
 
     dataset = bench.load_data(data, bench.parse_rows(rows))
     subject = bench.ServiceSubject(service(ctx), max_new_tokens=max_tokens, base_memory=base_memory)
-    progress = progress_bar("steps") if sys.stderr and sys.stderr.isatty() else None
+    progress = progress_for(False, False, "steps")
     result = run(bench, subject, dataset, progress)
     result["environment"] = bench.environment(subject)
     result["settings"]["max_new_tokens"] = max_tokens

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import InputError, StoreError, UsageError
 from .app import app, service
-from .render import emit, err, interactive, progress_bar, show, size, table
+from .render import emit, err, interactive, progress_for, safe, show, size, table
 
 
 @app.command()
@@ -24,6 +24,8 @@ def ingest(
     name: Annotated[str | None, typer.Option("--name", help="Name standard input (-): a later ingest under the "
                                              "same name replaces it.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write documents again even if unchanged.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress: neither the bar on a terminal nor "
+                                        "the lines every 30 s in logs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write text into memory: chunks of at most 512 tokens, one update each. A file is one
@@ -35,11 +37,11 @@ def ingest(
       memllm ingest --sync ~/notes          (in cron: a no-op when nothing changed)
       git log -5 | memllm -m work ingest --name git-log -
     """
-    progress = progress_bar() if sys.stderr and sys.stderr.isatty() and not as_json else None
+    progress = progress_for(as_json, quiet)
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
     report = service(ctx).ingest(paths, stdin=stdin, name=name, force=force, sync=sync, progress=progress)
     for skipped in report.skipped:
-        err(f"memllm: skipped {skipped['path']}: {skipped['reason']}")
+        err(f"memllm: skipped {safe(skipped['path'])}: {skipped['reason']}")
     for warning in report.warnings:
         err(f"memllm: warning: {warning}")
 
@@ -47,9 +49,9 @@ def ingest(
         if report.unchanged:
             err(f"memllm: {len(report.unchanged)} unchanged, already in memory (use --force to write again)")
         for updated in report.updated:
-            err(f"memllm: updated {updated}: its new text replaces the old")
+            err(f"memllm: updated {safe(updated)}: its new text replaces the old")
         for removed in report.removed:
-            err(f"memllm: forgot {removed}: its file is gone")
+            err(f"memllm: forgot {safe(removed)}: its file is gone")
         print(f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
               f"in {report.seconds:.1f} s; memory {report.memory!r} holds {report.tokens_held}/{report.pool_size} "
               f"{report.unit} ({report.fill:.0%})" + (f", {report.dropped} dropped" if report.dropped else ""))
@@ -111,7 +113,7 @@ def ask(
         else:
             print("sources:" if cited else "sources: none (nothing in memory matched the question)")
             for i, c in enumerate(cited, 1):
-                print(f"  {i}. {c['source']} (chunk {c['chunk']}, score {c['score']:.2f}): {c['excerpt']}")
+                print(f"  {i}. {safe(c['source'])} (chunk {c['chunk']}, score {c['score']:.2f}): {c['excerpt']}")
 
 
 @app.command()
@@ -137,8 +139,8 @@ def status(
                          fold="source")
             for s in info["sources"]:
                 share = s["held"] / s["written"] if s["written"] else 0
-                rows.add_row(s["name"], str(s["chunks"]), str(s["tokens_written"]), str(s["held"]), f"{share:.0%}",
-                             str(s["long_term"]))
+                rows.add_row(safe(s["name"]), str(s["chunks"]), str(s["tokens_written"]), str(s["held"]),
+                             f"{share:.0%}", str(s["long_term"]))
             show(rows)
 
     emit(info, as_json, text)
@@ -188,7 +190,7 @@ def log_(
         for e in entries:
             tags = f" ({', '.join(e['tags'])})" if e["tags"] else ""
             print(f"{e['version'][:12]}  {e['time']}  {e['op']:<8}  +{e['added']} -{e['dropped']} "
-                  f"= {e['tokens']} {e['unit']}  {e['message']}{tags}")
+                  f"= {e['tokens']} {e['unit']}  {safe(e['message'])}{tags}")
 
     emit(entries, as_json, text)
 
@@ -332,7 +334,7 @@ def diff(
         rows = table("source", "added", "dropped", "held", "retained", fold="source",
                      title=f"{result['from'][:12]} -> {result['to'][:12]} ({result['unit']})")
         for row in result["sources"]:
-            rows.add_row(row["source"], str(row["added"]), str(row["dropped"]), str(row["held"]),
+            rows.add_row(safe(row["source"]), str(row["added"]), str(row["dropped"]), str(row["held"]),
                          f"{row['retained']:.0%}")
         t = result["totals"]
         rows.add_row("total", str(t["added"]), str(t["dropped"]), str(t["held"]), "", style="bold")
@@ -367,8 +369,8 @@ def forget(
     result = service(ctx).forget(sources, purge=purge)
 
     def text() -> None:
-        print(f"forgot {', '.join(result['forgotten'])}: {result['tokens_removed']} {result['unit']} removed, "
-              f"{result['tokens']} held; version {result['version'][:12]}")
+        print(f"forgot {', '.join(map(safe, result['forgotten']))}: {result['tokens_removed']} {result['unit']} "
+              f"removed, {result['tokens']} held; version {result['version'][:12]}")
         if purge:
             print(f"purged: {result['purged_blocks']} blocks deleted ({size(result['bytes_freed'])}), "
                   f"{result['versions_rewritten']} versions rewritten")

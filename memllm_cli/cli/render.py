@@ -41,10 +41,20 @@ def table(*columns: str, title: str | None = None, fold: str | None = None):
     return t
 
 
+def safe(text: str) -> str:
+    """A name as one line: control characters (a newline in a file name) are escaped, so
+    line-per-entry output stays one entry per line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def show(renderable) -> None:
+    """Print with Rich; piped output is not folded to a terminal's width."""
     from rich.console import Console
 
-    Console().print(renderable, highlight=False)
+    tty = sys.stdout.isatty()
+    Console(width=None if tty else 100_000, soft_wrap=not tty).print(renderable, highlight=False)
 
 
 def progress_bar(unit: str = "tokens"):
@@ -71,6 +81,48 @@ def progress_bar(unit: str = "tokens"):
             self.bar.stop()
 
     return Bar()
+
+
+class LogProgress:
+    """Progress for logs (cron, pipes): a line on stderr at most every `every` seconds, and
+    none for work that ends sooner."""
+
+    def __init__(self, unit: str = "tokens", every: float = 30.0) -> None:
+        self.unit, self.every = unit, every
+        self.total = self.done = 0
+        self.description = ""
+        self.last = self.started = 0.0
+        self.said = False
+
+    def start(self, total: int, description: str) -> None:
+        import time
+
+        self.total, self.description = total, description
+        self.started = self.last = time.monotonic()
+
+    def advance(self, amount: int, description: str | None = None) -> None:
+        import time
+
+        self.done += amount
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last, self.said = now, True
+            share = f" ({self.done / self.total:.0%})" if self.total else ""
+            err(f"memllm: {self.description}: {self.done}/{self.total} {self.unit}{share}, "
+                f"{now - self.started:.0f} s" + (f", now {safe(description)}" if description else ""))
+
+    def finish(self) -> None:
+        if self.said:
+            err(f"memllm: {self.description}: done, {self.done} {self.unit}")
+
+
+def progress_for(as_json: bool, quiet: bool, unit: str = "tokens"):
+    """A bar on a terminal, log lines otherwise, nothing with --quiet."""
+    if quiet:
+        return None
+    if sys.stderr and sys.stderr.isatty() and not as_json:
+        return progress_bar(unit)
+    return LogProgress(unit) if sys.stderr else None
 
 
 def interactive() -> bool:
