@@ -78,8 +78,9 @@ class History(Session):
         repo = self.repo
         with repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
-            if self._head_problem() is not None:  # HEAD itself is lost: point it at the target (a repair)
-                repaired = self._repair(repo.resolve(target), dry_run)
+            problem = self._head_problem()
+            if problem is not None:  # HEAD itself is lost: point it at the target (a repair)
+                repaired = self._repair(repo.resolve(target), problem, dry_run)
                 return {"from": None, "to": repaired["head"], "target": target, "diff": None, "dry_run": dry_run,
                         "unit": None, "version": repaired["head"], "repaired": repaired}
             head, version = repo.resolve("HEAD"), repo.resolve(target)
@@ -149,7 +150,8 @@ class History(Session):
         the newest version the journal records as committed whose file is intact."""
         with self.repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
-            if self._head_problem() is None:
+            problem = self._head_problem()
+            if problem is None:
                 if target is not None:
                     raise InputError("HEAD is intact; nothing to repair", hint="memllm snapshot rollback moves it")
                 return {"memory": self.memory_name, "problem": None, "head": self.repo.head(), "repaired": False,
@@ -158,10 +160,9 @@ class History(Session):
             if version is None:
                 raise StoreError(f"memory {self.memory_name!r}: the journal names no intact committed version",
                                  hint="memllm repair --to VERSION (ids are the names in its versions/ folder)")
-            return self._repair(version, dry_run)
+            return self._repair(version, problem, dry_run)
 
-    def _repair(self, version: str, dry_run: bool) -> dict:
-        problem = self._head_problem()
+    def _repair(self, version: str, problem: str, dry_run: bool) -> dict:
         if self.repo.damaged_versions({version}):
             raise StoreError(f"version {version[:12]} is damaged too",
                              hint="choose another: memllm repair --to VERSION")

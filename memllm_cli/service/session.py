@@ -171,9 +171,9 @@ class Session:
         `model`, no model is loaded (counts only)."""
         version = version or self.repo.head()
         if version is None:
-            if self.repo.versions():  # never start a new root over existing history
+            if versions := self.repo.versions():  # never start a new root over existing history
                 raise StoreError(f"memory {self.memory_name!r} is damaged: refs/HEAD is missing, though it has "
-                                 f"{len(self.repo.versions())} versions", hint="memllm repair restores it")
+                                 f"{len(versions)} versions", hint="memllm repair restores it")
             return None
         tensors, meta = self.repo.read_version(version)
         lm = self.model(self.repo.info()) if model or states else None
@@ -351,20 +351,21 @@ class Session:
         """What the memory holds; reads the store only (no model is loaded)."""
         info = self._open()
         mem = self.load(model=False)
+        kind = memory.for_version(info)
         n = len(mem) if mem else 0
         pool_size = mem.pool_size if mem else info["pool_size"]
         return {
             "memory": self.memory_name,
             "model": info["model"]["name"],
             "fingerprint": info["model"]["fingerprint"][:16],
-            "kind": memory.for_version(info).kind,
+            "kind": kind.kind,
             "version": mem.head if mem else None,
             "pool_size": pool_size,
             "tokens": n,
             "fill": round(n / pool_size, 4),
             "updates": mem.update_count if mem else 0,
             "dropped": mem.dropped_total() if mem else 0,
-            "unit": (mem or memory.for_version(info)).unit,
+            "unit": kind.unit,
             "dtype": info.get("dtype"),
             "write_context": info.get("write_context"),
             "disk_bytes": self.repo.disk_bytes(),
