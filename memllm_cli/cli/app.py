@@ -10,7 +10,9 @@ starts fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Annotated
 
@@ -30,7 +32,17 @@ app = typer.Typer(
 )
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 INTERRUPTED = "interrupted; the memory keeps its last committed state"
+TERMINATED = "terminated; the memory keeps its last committed state"
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C (every `finally` runs: temp files, the lock)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def _version_callback(value: bool) -> None:
@@ -107,6 +119,10 @@ def _interrupted(e: KeyboardInterrupt) -> Report:
     return INTERRUPTED, None, EXIT_INTERRUPTED
 
 
+def _terminated(e: Terminated) -> Report:
+    return TERMINATED, None, EXIT_TERMINATED
+
+
 def _bug(e: Exception) -> Report:
     return (f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             "this is a bug in memllm: please report it with the output of MEMLLM_DEBUG=1", 1)
@@ -118,6 +134,7 @@ ERRORS: list[tuple[type[BaseException], Callable[..., Report]]] = [
     (typer.TyperException, _usage),
     (typer.Abort, _aborted),
     (KeyboardInterrupt, _interrupted),
+    (Terminated, _terminated),
     (OSError, _file_system),
     (Exception, _bug),
 ]
@@ -157,6 +174,8 @@ def run(argv: list[str] | None = None) -> None:
         err("memllm: error: standard output is closed; redirect it to a file or /dev/null instead")
         sys.exit(1)
     sys.stdout = _Stdout(sys.stdout)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(args=argv, prog_name="memllm", standalone_mode=False)
     except SystemExit:
@@ -181,7 +200,7 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _exit(code: int) -> None:
-    if code == EXIT_INTERRUPTED:
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         # Every `finally` below (temp files, the lock) has run by now. Leave at once: under
         # load, a SIGINT-killed status (-2) instead of 130 was seen when unwinding further.
         sys.stdout.flush()

@@ -4,14 +4,17 @@ export, import. Each parses flags, makes one call into the service, renders the 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import InputError, StoreError, UsageError
-from .app import app, service
+from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, service
 from .render import emit, err, interactive, progress_for, safe, show, size, table
 
 
@@ -37,9 +40,14 @@ def ingest(
       memllm ingest --sync ~/notes          (in cron: a no-op when nothing changed)
       git log -5 | memllm -m work ingest --name git-log -
     """
+    from ..service.session import Stop
+
     progress = progress_for(as_json, quiet)
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
-    report = service(ctx).ingest(paths, stdin=stdin, name=name, force=force, sync=sync, progress=progress)
+    stop = Stop()
+    with stop_at_chunk_boundary(stop):
+        report = service(ctx).ingest(paths, stdin=stdin, name=name, force=force, sync=sync, progress=progress,
+                                     stop=stop)
     for skipped in report.skipped:
         err(f"memllm: skipped {safe(skipped['path'])}: {skipped['reason']}")
     for warning in report.warnings:
@@ -52,11 +60,43 @@ def ingest(
             err(f"memllm: updated {safe(updated)}: its new text replaces the old")
         for removed in report.removed:
             err(f"memllm: forgot {safe(removed)}: its file is gone")
+        for resumed in report.resumed:
+            err(f"memllm: resumed {safe(resumed)} where the stopped ingest left it")
+        if report.reused:
+            err(f"memllm: {report.reused} chunk(s) already in memory kept, not written again")
         print(f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
               f"in {report.seconds:.1f} s; memory {report.memory!r} holds {report.tokens_held}/{report.pool_size} "
               f"{report.unit} ({report.fill:.0%})" + (f", {report.dropped} dropped" if report.dropped else ""))
 
     emit(report.to_dict(), as_json, text)
+    if report.interrupted:
+        err(f"memllm: stopped by {report.interrupted} at a chunk boundary; what was written is committed: "
+            "run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED if report.interrupted == "SIGINT" else EXIT_TERMINATED)
+
+
+@contextmanager
+def stop_at_chunk_boundary(stop):
+    """While chunks are written, Ctrl-C or SIGTERM asks the ingest to stop at the next chunk
+    boundary and commit (a second one stops at once, keeping the last commit); before
+    that, they stop at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.armed and not stop.requested:
+            stop.requested = signal.Signals(signum).name
+            err(f"memllm: {stop.requested}: stopping at the next chunk boundary (again to stop at once)")
+            return
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 @app.command()
@@ -139,7 +179,8 @@ def status(
                          fold="source")
             for s in info["sources"]:
                 share = s["held"] / s["written"] if s["written"] else 0
-                rows.add_row(safe(s["name"]), str(s["chunks"]), str(s["tokens_written"]), str(s["held"]),
+                name = safe(s["name"]) + (" (partial: ingest it again to finish)" if s.get("partial") else "")
+                rows.add_row(name, str(s["chunks"]), str(s["tokens_written"]), str(s["held"]),
                              f"{share:.0%}", str(s["long_term"]))
             show(rows)
 

@@ -143,7 +143,19 @@ class Memory(ABC):
         return found[-1] if found else None
 
     def has_content(self, sha256: str) -> bool:
-        return any(s["sha256"] == sha256 and not s.get("forgotten") for s in self.sources)
+        return any(s["sha256"] == sha256 and not s.get("forgotten") and not s.get("partial") for s in self.sources)
+
+    def chunk_blocks(self, source: int) -> list[tuple[str, list[int]]]:
+        """The stored chunks of a document that a new revision of it may keep: (block id,
+        the token ids it was written from), in chunk order. Empty where the kind cannot keep
+        chunks (then an edited document is written again in full)."""
+        return []
+
+    def carry(self, old: int, new: int, kept: list[tuple[str, int, int]]) -> None:
+        """Document `new` replaces `old`, keeping these blocks of it (block id, chunk index in
+        the new text, tokens) with what the pool holds of them; the rest of `old` is forgotten.
+        Only called with blocks `chunk_blocks` offered."""
+        raise NotImplementedError(f"a {self.kind} memory cannot keep chunks")
 
     def check_chunks(self, name: str, chunks: list[Chunk]) -> list[str]:
         """Warnings about chunks this kind may not take well."""
@@ -260,7 +272,8 @@ class Memory(ABC):
             row = {"name": s["name"], "sha256": s["sha256"], "chunks": s["chunks"], "tokens_written": s["tokens"],
                    "tokens_held": held[i], **self._long_term_entry(s, long_term[i]),
                    "written": self.written(s), "held": held[i], "long_term": long_term[i],  # in `unit`
-                   "revision": s.get("revision", 1)}  # 2 and up: updated by re-ingesting an edited document
+                   "revision": s.get("revision", 1),  # 2 and up: updated by re-ingesting an edited document
+                   "partial": bool(s.get("partial"))}  # a stopped ingest wrote only its first chunks
             for t in (10, 100):
                 row[f"pool_after_{t}"] = round(forecast(held[i], self.forecast_base(), self.pool_size,
                                                         self.per_update(), t))

@@ -68,6 +68,7 @@ class FreeMemory(Memory):
     dropped: int = 0  # tokens dropped since the last commit
     keep_blocks: bool = True  # False for memories that are never stored (evaluation): no pending copies
     has_states: bool = True  # False when loaded as an index only (status, diff, forget, reading within a budget)
+    carried: dict[str, list[int]] = field(default_factory=dict)  # block id -> [source, chunk] a later revision kept
     lm: LoadedModel | None = None
     library: BlockSource | None = None
 
@@ -107,6 +108,7 @@ class FreeMemory(Memory):
             memory = cls(
                 meta["pool_size"], meta["write_context"], meta["dtype"], Pool(empty, empty, tags), meta["sources"],
                 meta["blocks"], meta["seed"], meta["update_count"], version, has_states=False, lm=lm, library=library,
+                carried={k: list(v) for k, v in meta.get("carried", {}).items()},
             )
         except (KeyError, ValueError, TypeError) as err:
             raise StoreError(f"version {version[:12]} is damaged: {err}") from None
@@ -175,6 +177,44 @@ class FreeMemory(Memory):
             self.blocks.append(digest)
         self.pending.clear()
 
+    def _forked(self) -> dict:
+        return {"carried": dict(self.carried)}
+
+    def owner(self, digest: str, meta: dict, live: dict[str, int]) -> tuple[int | None, int]:
+        """The document a stored block belongs to now, and its chunk index there: the revision
+        that kept it, else the one that wrote it (by content hash for blocks written before
+        blocks recorded their source's index; `live`: sha256 -> live source)."""
+        if digest in self.carried:
+            source, chunk = self.carried[digest]
+            return source, chunk
+        source = meta.get("source_index")
+        if not isinstance(source, int) or not 0 <= source < len(self.sources) or \
+                self.sources[source]["sha256"] != meta.get("source_sha256"):
+            source = live.get(meta.get("source_sha256"))
+        return source, meta.get("chunk", 0)
+
+    def chunk_blocks(self, source: int) -> list[tuple[str, list[int]]]:
+        if self.library is None or self.head is None or self.pending:
+            return []
+        idx = recall.index(self, self.lm.tokenizer)
+        mine = sorted((c for c in idx.candidates if c.source == source), key=lambda c: c.chunk)
+        return [(c.block, c.ids) for c in mine]
+
+    def carry(self, old: int, new: int, kept: list[tuple[str, int, int]]) -> None:
+        number = {digest: i for i, digest in enumerate(self.blocks)}
+        tags = dict(self.pool.tags)
+        source, chunk = tags["source"].clone(), tags["chunk"].clone()
+        for digest, index, tokens in kept:
+            rows = (tags["source"] == old) & (tags["block"] == number[digest])
+            source[rows] = new
+            chunk[rows] = index
+            self.carried[digest] = [new, index]
+            self.sources[new]["chunks"] += 1
+            self.sources[new]["tokens"] += tokens
+        tags.update(source=source, chunk=chunk)
+        self.pool = Pool(self.pool.keys, self.pool.values, tags)
+        self.forget({old})
+
     def forget(self, sources: set[int]) -> int:
         """Drop every token of these sources; returns how many were held."""
         drop = torch.isin(self.pool.tags["source"], torch.tensor(sorted(sources), dtype=torch.int64))
@@ -189,7 +229,8 @@ class FreeMemory(Memory):
             raise RuntimeError("settle pending blocks before recording a version")
         tags = self.pool.tags
         tensors = {name: tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
-        return tensors, {**self.ledger_meta(op, message, len(self)), **extra}
+        carried = {"carried": self.carried} if self.carried else {}
+        return tensors, {**self.ledger_meta(op, message, len(self)), **carried, **extra}
 
     def prepare_reads(self) -> None:
         """Build the recall index now, so the next ask finds it ready."""
@@ -240,8 +281,8 @@ class FreeMemory(Memory):
         for digest in self.blocks:
             if self.library.has_block(digest):
                 meta = self.library.block_meta(digest)
-                i = by_sha.get(meta.get("source_sha256"))
-                if i is not None:
+                i, _ = self.owner(digest, meta, by_sha)
+                if i is not None and not self.sources[i].get("forgotten"):
                     stored[i] += int(meta.get("tokens", 0))
         return [max(0, s - h) for s, h in zip(stored, held, strict=True)]
 
@@ -267,7 +308,10 @@ class FreeMemory(Memory):
         keep = remap[block] >= 0 if count else torch.ones(len(block), dtype=torch.bool)
         out = {k: t[keep] for k, t in tensors.items()}
         out["block"] = remap[block[keep]].to(torch.int32)
-        return out, {}
+        if "carried" not in meta:
+            return out, {}
+        lost = {meta["blocks"][i] for i in gone}
+        return out, {"carried": {d: v for d, v in meta["carried"].items() if d not in lost}}
 
     @classmethod
     def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:

@@ -100,12 +100,14 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
         if digest.startswith("@") or not library.has_block(digest):
             continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
         meta = library.block_meta(digest)
-        source = live.get(meta.get("source_sha256"))
+        source, chunk = memory.owner(digest, meta, live)
+        if source is not None and memory.sources[source].get("forgotten"):
+            source = None
         ids = library.read_block_ids(digest) if source is not None else None
         if source is None or ids is None:
             continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
-        found.append(Candidate(digest, meta.get("update", 0), source, meta.get("chunk", 0), len(ids),
-                               loader(digest), ids_of(digest)))
+        found.append(Candidate(digest, meta.get("update", 0), source, chunk, len(ids), loader(digest),
+                               ids_of(digest)))
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     retriever = bm25_index(texts)
 

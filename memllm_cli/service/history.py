@@ -204,7 +204,8 @@ class History(Session):
             version = self._commit(mem, "forget", "forget " + ", ".join(names), forgotten=names)
             result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(mem),
                       "unit": mem.unit}
-            if purge:
+            if purge:  # every revision of these documents: a later one may keep chunks an earlier one wrote
+                shas |= {s["sha256"] for s in mem.sources if s["name"] in set(names)}
                 result.update(self._purge(shas))
                 result["version"] = self.repo.head()
         return result

@@ -23,10 +23,10 @@ from ..model.loading import EMBEDDED, LoadedModel, load_model
 from ..progress import NoProgress, Progress
 from ..store import FORMAT, Store
 from ..store.migrations import migrate
-from ..text.chunking import chunk_document
+from ..text.chunking import Chunk, chunk_document
 from ..text.sources import Collected, Document, collect
 
-CHECKPOINT_SECONDS = 60.0  # a long ingest commits at document boundaries this often
+CHECKPOINT_SECONDS = 60.0  # a long ingest commits this often, at chunk boundaries
 READ_BUDGET = 1024  # tokens ask reads by default (docs/design.md, "Reading within a budget")
 MAX_SEED = (1 << 64) - 1  # torch generators take seeds below 2**64
 
@@ -44,9 +44,12 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)  # documents whose new text replaced the old
     removed: list[str] = field(default_factory=list)  # --sync: documents whose files are gone
+    resumed: list[str] = field(default_factory=list)  # documents a stopped ingest had written in part
+    reused: int = 0  # chunks of edited documents kept as they were (not written again)
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unit: str = "tokens"  # of tokens_held and pool_size; "rows per layer" for MemoryLLM checkpoints
+    interrupted: str | None = None  # the signal that stopped it at a chunk boundary ("SIGINT", "SIGTERM")
 
     @property
     def fill(self) -> float:
@@ -54,6 +57,27 @@ class IngestReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fill": round(self.fill, 4), "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class Stop:
+    """A request to stop an ingest at the next chunk boundary. `armed` says whether chunks
+    are being written (a signal handler that finds it unarmed stops at once instead)."""
+
+    requested: str | None = None  # what asked: "SIGINT", "SIGTERM"
+    armed: bool = False
+
+
+@dataclass
+class _Step:
+    """One document of an ingest: its chunks, the live document it replaces, the chunks
+    (index -> block id) already stored that it keeps, and whether it resumes a stopped ingest."""
+
+    doc: Document
+    chunks: list[Chunk]
+    old: int | None
+    kept: dict[int, str]
+    resumed: bool = False
 
 
 class Answer:
@@ -226,29 +250,34 @@ class Session:
     # -- ingest ------------------------------------------------------------------------
 
     def ingest(self, paths: list[str], *, stdin: BinaryIO | None = None, name: str | None = None,
-               force: bool = False, sync: bool = False, progress: Progress | None = None) -> IngestReport:
+               force: bool = False, sync: bool = False, progress: Progress | None = None,
+               stop: Stop | None = None) -> IngestReport:
         """Write files, folders, globs or stdin ("-", named `name`) into the memory, one update
         per chunk. A document already in memory (by resolved path, or by name) whose content
         changed replaces its earlier text. With `sync`, the memory mirrors the folders named:
-        documents under them whose files are gone are forgotten, in the same version."""
+        documents under them whose files are gone are forgotten, in the same version.
+
+        `stop.requested` set while chunks are written (a signal handler does it) ends the
+        ingest at the next chunk boundary, with a commit of what was written."""
         if name is not None and not name.strip():
             raise UsageError("--name must not be empty")
         return self.ingest_documents(collect(paths, stdin, stdin_name=name), force=force, sync=sync,
-                                     progress=progress)
+                                     progress=progress, stop=stop)
 
     def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False, sync: bool = False,
-                         progress: Progress | None = None) -> IngestReport:
+                         progress: Progress | None = None, stop: Stop | None = None) -> IngestReport:
         if isinstance(collected, list):
             collected = Collected(collected)
         progress = progress or NoProgress()
         existed = self.repo.exists()
         try:
-            return self._ingest(collected, force, sync, progress)
+            return self._ingest(collected, force, sync, progress, stop or Stop())
         finally:
             if not existed:
                 self.repo.remove_if_empty()  # a first ingest that failed before creating the memory
 
-    def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress) -> IngestReport:
+    def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress,
+                stop: Stop) -> IngestReport:
         name = self.memory_name
         with self.repo.lock(self.settings.lock_timeout):
             started = time.perf_counter()  # the time spent waiting for another writer is not ingest time
@@ -264,51 +293,98 @@ class Session:
                     self._create(lm, mem)
             report = IngestReport(name, 0, 0, 0, 0, 0.0, len(mem), mem.pool_size,
                                   skipped=[{"path": p, "reason": r} for p, r in collected.skipped], unit=mem.unit)
-            plan, planned = [], set()
-            for doc in collected.documents:
-                old = mem.live_source(doc.identity)
-                same = old is not None and mem.sources[old]["sha256"] == doc.sha256
-                if doc.sha256 in planned or (not force and (same or (old is None and mem.has_content(doc.sha256)))):
-                    report.unchanged.append(doc.name)
-                    continue
-                planned.add(doc.sha256)
-                chunks = chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS)
-                plan.append((doc, chunks, old))
-                report.warnings += mem.check_chunks(doc.name, chunks)
-                if old is not None:
-                    report.updated.append(doc.name)
+            plan = self._plan(mem, collected, force, report)
             gone = _deleted(mem, collected) if sync else []
             report.removed = [mem.sources[i]["name"] for i in gone]
-            progress.start(sum(len(c.ids) for _, chunks, _ in plan for c in chunks), f"ingesting into {name}")
+            progress.start(sum(len(c.ids) for step in plan for c in step.chunks if c.index not in step.kept),
+                           f"ingesting into {name}")
             last_commit = time.perf_counter()
+            stop.armed = True
             try:
                 if gone:
                     mem.forget(set(gone))
-                for doc, chunks, old in plan:
-                    if old is not None:  # an edited document replaces its earlier text, in the same version
-                        mem.forget({old})
-                    source = mem.add_source(doc.name, doc.sha256)
-                    mem.sources[source]["revision"] = mem.sources[old].get("revision", 1) + 1 if old is not None else 1
-                    for chunk in chunks:
-                        update = mem.write(chunk.ids, source=source, chunk=chunk.index, span=(chunk.start, chunk.end))
-                        report.chunks += 1
-                        report.tokens += update["tokens"]
-                        report.dropped += update["dropped"]
-                        progress.advance(update["tokens"], doc.name)
-                    report.files += 1
-                    if note := mem.larger_than_pool(source):
-                        report.warnings.append(note)
-                    if time.perf_counter() - last_commit > CHECKPOINT_SECONDS:
-                        self._commit(mem, "ingest", _ingest_message(mem, report))
-                        last_commit = time.perf_counter()
+                for step in plan:
+                    last_commit = self._write_document(mem, step, report, progress, stop, last_commit)
+                    if stop.requested:
+                        break
             finally:
+                stop.armed = False
                 progress.finish()
-            if mem.updates or gone or report.updated:
-                self._commit(mem, "ingest", _ingest_message(mem, report))
-                mem.prepare_reads()
+            if stop.requested:
+                report.interrupted = stop.requested
+            if mem.updates or gone or report.updated or report.reused:
+                stopped = f" (stopped by {stop.requested})" if stop.requested else ""
+                self._commit(mem, "ingest", _ingest_message(mem, report) + stopped)
+                if not stop.requested:
+                    mem.prepare_reads()
         report.tokens_held = len(mem)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _plan(self, mem: Memory, collected: Collected, force: bool, report: IngestReport) -> list[_Step]:
+        """What each document needs: nothing (unchanged), all of its chunks, or, for an edited
+        or half-written one, the chunks that are not already stored."""
+        lm = self.model()
+        plan, planned = [], set()
+        for doc in collected.documents:
+            old = mem.live_source(doc.identity)
+            partial = old is not None and bool(mem.sources[old].get("partial"))
+            same = old is not None and mem.sources[old]["sha256"] == doc.sha256
+            if doc.sha256 in planned or (not force and not partial and
+                                         (same or (old is None and mem.has_content(doc.sha256)))):
+                report.unchanged.append(doc.name)
+                continue
+            planned.add(doc.sha256)
+            stored = mem.chunk_blocks(old) if old is not None and not force else []
+            chunks = chunk_document(doc.text, lm.tokenizer, CHUNK_TOKENS, keep=[ids for _, ids in stored])
+            by_ids = {tuple(ids): block for block, ids in stored}
+            kept = {}
+            for chunk in chunks:
+                block = by_ids.pop(tuple(chunk.ids), None)
+                if block is not None:
+                    kept[chunk.index] = block
+            plan.append(_Step(doc, chunks, old, kept, resumed=partial and same))
+            report.warnings += mem.check_chunks(doc.name, [c for c in chunks if c.index not in kept])
+            if old is not None and not (partial and same):
+                report.updated.append(doc.name)
+            if partial and same:
+                report.resumed.append(doc.name)
+        return plan
+
+    def _write_document(self, mem: Memory, step: _Step, report: IngestReport, progress: Progress, stop: Stop,
+                        last_commit: float) -> float:
+        """Write one document's chunks (stopping at a chunk boundary when asked to), committing
+        every CHECKPOINT_SECONDS: a document written in part is marked so, and the same ingest
+        run again resumes it. Returns when it last committed."""
+        doc, old = step.doc, step.old
+        source = mem.add_source(doc.name, doc.sha256)
+        revision = mem.sources[old].get("revision", 1) if old is not None else 0
+        mem.sources[source]["revision"] = revision if step.resumed else revision + 1
+        mem.sources[source]["partial"] = True
+        if step.kept:  # an edited document keeps its unchanged chunks; the rest of the old text goes
+            mem.carry(old, source, [(block, i, len(step.chunks[i].ids)) for i, block in step.kept.items()])
+            report.reused += len(step.kept)
+        elif old is not None:  # an edited document replaces its earlier text, in the same version
+            mem.forget({old})
+        for chunk in step.chunks:
+            if chunk.index in step.kept:
+                continue
+            if stop.requested:
+                break
+            update = mem.write(chunk.ids, source=source, chunk=chunk.index, span=(chunk.start, chunk.end))
+            report.chunks += 1
+            report.tokens += update["tokens"]
+            report.dropped += update["dropped"]
+            progress.advance(update["tokens"], doc.name)
+            if time.perf_counter() - last_commit > CHECKPOINT_SECONDS and not stop.requested:
+                self._commit(mem, "ingest", _ingest_message(mem, report) + " (checkpoint)")
+                last_commit = time.perf_counter()
+        else:
+            del mem.sources[source]["partial"]
+            report.files += 1
+            if note := mem.larger_than_pool(source):
+                report.warnings.append(note)
+        return last_commit
 
     # -- ask ---------------------------------------------------------------------------
 

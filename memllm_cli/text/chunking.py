@@ -5,11 +5,17 @@ chunk writes are exactly the tokens the document has in that place (no re-tokeni
 drift at chunk edges). Cuts go at the last paragraph break in the window, else the last
 sentence end, else the last word boundary, each only if it leaves a chunk of at least a
 quarter of the window; otherwise the window is cut at the token limit.
+
+Re-chunking an edited document (`keep`: the token ids of its earlier chunks) keeps every
+earlier chunk that still appears, in order, as a chunk of its own, and chunks only the
+text between them: a one-line edit changes one chunk, not every chunk after it.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SEPARATOR = "\n\n"  # every document ends with a blank line, so the next one starts a paragraph
@@ -24,8 +30,9 @@ class Chunk:
     ids: list[int]
 
 
-def chunk_document(text: str, tokenizer, max_tokens: int = 512) -> list[Chunk]:
-    """Chunks covering `text` (stripped of surrounding whitespace), in order."""
+def chunk_document(text: str, tokenizer, max_tokens: int = 512, keep: Sequence[Sequence[int]] = ()) -> list[Chunk]:
+    """Chunks covering `text` (stripped of surrounding whitespace), in order; the chunks
+    of `keep` (earlier chunks of the same document) wherever they still appear."""
     if max_tokens < 16:
         raise ValueError(f"max_tokens must be at least 16, got {max_tokens}")
     lead = len(text) - len(text.lstrip())
@@ -39,14 +46,42 @@ def chunk_document(text: str, tokenizer, max_tokens: int = 512) -> list[Chunk]:
     kinds = [_cut_kind(normalised, starts[c]) for c in range(len(ids) + 1)]
 
     chunks: list[Chunk] = []
-    i = 0
-    while i < len(ids):
-        end = min(i + max_tokens, len(ids))
-        if end < len(ids):
-            end = _best_cut(kinds, i, end, min_len=max_tokens // 4)
+
+    def add(i: int, end: int) -> None:
         chunks.append(Chunk(len(chunks), lead + starts[i], lead + min(starts[end], len(body)), ids[i:end]))
-        i = end
+
+    i = 0
+    for start, end in [*_anchors(ids, keep, max_tokens), (len(ids), len(ids))]:
+        while i < start:  # the text before the next kept chunk
+            cut = min(i + max_tokens, start)
+            if cut < start:
+                cut = _best_cut(kinds, i, cut, min_len=max_tokens // 4)
+            add(i, cut)
+            i = cut
+        if start < end:
+            add(start, end)
+            i = end
     return chunks
+
+
+def _anchors(ids: list[int], keep: Sequence[Sequence[int]], max_tokens: int) -> list[tuple[int, int]]:
+    """Where the chunks of `keep` occur in `ids`, in order, without overlapping: (start, end)."""
+    if not keep:
+        return []
+    haystack = array("q", ids).tobytes()
+    width = array("q").itemsize
+    found, at = [], 0
+    for old in keep:
+        if not 0 < len(old) <= max_tokens:
+            continue
+        needle = array("q", old).tobytes()
+        pos = haystack.find(needle, at * width)
+        while pos >= 0 and pos % width:  # a match must start on a token
+            pos = haystack.find(needle, pos + 1)
+        if pos >= 0:
+            found.append((pos // width, pos // width + len(old)))
+            at = pos // width + len(old)
+    return found
 
 
 def _cut_kind(text: str, position: int) -> int:
