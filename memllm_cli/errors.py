@@ -54,3 +54,9 @@ class Busy(MemllmError):
     """Another process holds the memory's write lock past the timeout."""
 
     exit_code = 7
+
+
+class Ungrounded(MemllmError):
+    """ask --strict: what was read from memory does not support the answer."""
+
+    exit_code = 8

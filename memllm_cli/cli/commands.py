@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import InputError, StoreError, UsageError
+from ..errors import InputError, StoreError, Ungrounded, UsageError
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, service
 from .render import emit, err, interactive, progress_for, safe, show, size, table
 
@@ -116,10 +116,13 @@ def ask(
                                                "1024].")] = None,
     sources: Annotated[bool, typer.Option("--sources", help="After the answer, list the documents it read "
                                           "(path, chunk, excerpt), most relevant first.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {answer, model, memory, tokens, seconds, "
-                                          "sources}.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {answer, grounded, model, memory, tokens, "
+                                          "seconds, sources}.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 8 when the answer is not grounded in what was "
+                                         "read from memory (the answer is still printed).")] = False,
 ) -> None:
-    """Answer a question from memory, streaming the answer to stdout.
+    """Answer a question from memory, streaming the answer to stdout. When nothing read
+    from memory supports the answer, a line on stderr says so ("grounded": false in --json).
 
     Examples:
       memllm ask "When is the budget review?"
@@ -138,6 +141,7 @@ def ask(
         for _ in answer:
             pass
         emit(answer.to_dict(), True, print)
+        _grounded(answer, strict)
         return
     ended_with_newline = True
     for piece in answer:
@@ -154,6 +158,19 @@ def ask(
             print("sources:" if cited else "sources: none (nothing in memory matched the question)")
             for i, c in enumerate(cited, 1):
                 print(f"  {i}. {safe(c['source'])} (chunk {c['chunk']}, score {c['score']:.2f}): {c['excerpt']}")
+    _grounded(answer, strict)
+
+
+def _grounded(answer, strict: bool) -> None:
+    """One line on stderr when the answer is not grounded; with --strict, exit 8."""
+    if answer.grounded is not False:
+        return
+    message = ("not grounded: nothing read from memory supports this answer "
+               f"(relevance {answer.info['relevance']:.2f}, support {answer.info['support']:.2f}); "
+               "it may be made up")
+    if strict:
+        raise Ungrounded(message, hint="the memory may not hold this; see memllm ask --sources")
+    err(f"memllm: {message}")
 
 
 @app.command()
@@ -338,7 +355,10 @@ def repair(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what HEAD would name.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Restore a lost or garbled HEAD. Nothing else is changed: versions and blocks stay.
+    """Mend what verify reports, losing nothing: a lost or garbled HEAD (restored from the
+    journal, or --to), a damaged memory.json, damaged journal lines, snapshot refs and
+    versions nothing needs (moved under the memory's damaged/ folder). Blocks stay: a
+    damaged document is forgotten (forget --purge) or rolled back.
 
     Examples:
       memllm verify || memllm repair
@@ -347,11 +367,16 @@ def repair(
     result = service(ctx).repair(to, dry_run=dry_run)
 
     def text() -> None:
-        if result["problem"] is None:
-            print(f"HEAD is intact ({(result['head'] or 'no versions yet')[:12]}); nothing to repair")
-        else:
-            print(f"HEAD was damaged ({result['problem']}); {'it would name' if dry_run else 'it now names'} "
-                  f"{result['head'][:12]}")
+        if not result["problems"]:
+            print(f"nothing to repair (HEAD {(result['head'] or 'no versions yet')[:12]})")
+            return
+        verb = "would mend" if dry_run else "mended"
+        for problem in result["problems"]:
+            print(f"{verb}: {safe(problem)}")
+        if result["set_aside"]:
+            print(f"{'would move' if dry_run else 'moved'} under damaged/: {', '.join(result['set_aside'])}")
+        if result["head"]:
+            print(f"HEAD {'would name' if dry_run else 'names'} {result['head'][:12]}")
 
     emit(result, as_json, text)
 

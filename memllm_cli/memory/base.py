@@ -43,6 +43,7 @@ class BlockSource(Protocol):
     def block_meta(self, block: str) -> dict: ...
     def read_block_rows(self, block: str, rows: list[int] | None, keys: tuple[str, ...]) -> dict: ...
     def read_block_ids(self, block: str) -> list[int] | None: ...
+    def read_block_checked(self, block: str, keys: tuple[str, ...]) -> dict: ...
     def cached(self, key: str) -> Path | None: ...
     def write_cache(self, key: str, fill: Callable[[Path], None]) -> None: ...
     def drop_cache(self, key: str | None = None) -> None: ...
@@ -65,6 +66,7 @@ class Reading:
 
     tokens: Iterator[int]
     info: dict = field(default_factory=dict)
+    judge: Callable[[str], dict] | None = None  # the answer's text -> {grounded, ...}; None: not judged
 
 
 class Memory(ABC):
@@ -72,6 +74,9 @@ class Memory(ABC):
 
     kind: ClassVar[str]  # recorded in memory.json and in every version the kind writes
     unit: ClassVar[str]  # what the counts count: "tokens", or "rows per layer"
+    # whether reading within a budget checks each block as it reads it; otherwise (and for
+    # reading the whole pool) the service checks every block the version holds first
+    checks_reads: ClassVar[bool] = False
 
     # Ledger fields, declared by each dataclass subclass:
     pool_size: int

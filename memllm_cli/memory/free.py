@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..errors import ModelError, StoreError
 from ..model.pool import Pool, drop_uniform
 from ..text.chunking import chunk_document
-from . import recall
+from ..text.bm25 import rarity
+from . import grounding, recall
 from .base import CHUNK_TOKENS, DTYPES, BlockSource, Memory, Reading, Sampling
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def sink(lm: LoadedModel) -> Pool:
 class FreeMemory(Memory):
     kind: ClassVar[str] = "training-free"
     unit: ClassVar[str] = "tokens"
+    checks_reads: ClassVar[bool] = True  # reading within a budget checks each block it reads (recall.read)
 
     pool_size: int  # N: tokens per layer at most
     write_context: int  # pool tokens a chunk is written after
@@ -240,26 +242,34 @@ class FreeMemory(Memory):
 
     def read(self, question: str, budget: int, sampling: Sampling) -> Reading:
         """Within a budget: the blocks most relevant to the question (stored ones, or the
-        pending ones of a memory in RAM) after the sink; 0: the whole pool."""
+        pending ones of a memory in RAM) after the sink; 0: the whole pool. The reading
+        judges its answer against the text of the blocks read (grounding.py)."""
         lm = self.lm
         ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
         info: dict = {}
         context = None
-        if budget:
-            idx = recall.index(self, lm.tokenizer)
-            if idx.candidates:
-                selected = recall.select(idx, question, budget)
-                dtype = DTYPES[self.dtype]
-                engine = lm.engine
-                context = sink(lm) + (recall.read(selected, dtype) if selected else Pool.empty(
-                    engine.layers, engine.kv_heads, engine.head_dim, dtype))
-                info["read_tokens"] = sum(c.tokens for c in selected)
-                info["sources"] = recall.cited(self, selected, lm.tokenizer)
+        idx = recall.index(self, lm.tokenizer)
+        read: list[recall.Candidate] = []
+        if budget and idx.candidates:
+            read = recall.select(idx, question, budget)
+            engine = lm.engine
+            pool, damaged = recall.read(read, DTYPES[self.dtype], (engine.layers, engine.kv_heads, engine.head_dim))
+            context = sink(lm) + pool
+            if damaged:
+                read = [c for c in read if c not in damaged]
+                info["damaged"] = [{"source": self.sources[c.source]["name"], "chunk": c.chunk, "block": c.block}
+                                   for c in damaged]
+            info["read_tokens"] = sum(c.tokens for c in read)
+            info["sources"] = recall.cited(self, read, lm.tokenizer)
         if context is None:
+            held = {self.blocks[b] if b >= 0 else f"pending-{-1 - b}" for b in self.pool.tags["block"].unique().tolist()}
             context = self.context()
             info["read_tokens"] = len(self)
+            read = [c for c in idx.candidates if c.block in held]
+        texts = [lm.tokenizer.decode(c.ids, skip_special_tokens=True) for c in read]
+        verdict = grounding.judge(question, texts, rarity(idx.retriever))
         tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), **vars(sampling))
-        return Reading(tokens, info)
+        return Reading(tokens, info, verdict)
 
     def context(self) -> Pool:
         self.load_states()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StoreError
 from ..model.pool import Pool
 from ..text.bm25 import bm25_index, bm25_scores
 from .base import BlockSource
@@ -80,7 +81,7 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     key = f"recall-{memory.head}-{len(library.blocks())}"
 
     def loader(digest: str):
-        return lambda: library.read_block_rows(digest, None, ("keys", "values"))
+        return lambda: library.read_block_checked(digest, ("keys", "values"))
 
     def ids_of(digest: str):
         return lambda: library.read_block_ids(digest) or []
@@ -147,16 +148,28 @@ def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     return sorted(picked, key=lambda c: c.update)
 
 
-def read(selected: list[Candidate], dtype: torch.dtype) -> Pool:
-    """The selected blocks' tokens as one pool (L, Hkv, n, hd), in the given order."""
-    keys, values = [], []
+def read(selected: list[Candidate], dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[Pool, list[Candidate]]:
+    """The selected blocks' tokens as one pool (L, Hkv, n, hd), in the given order, and the
+    blocks left out because they are damaged (their bytes no longer match their id, NaNs,
+    or not the model's shape (L, Hkv, hd)): never read silently."""
+    keys, values, damaged = [], [], []
     for c in selected:
-        states = c.load()
-        keys.append(states["keys"].to(dtype))
-        values.append(states["values"].to(dtype))
+        try:
+            states = c.load()
+        except StoreError:
+            damaged.append(c)
+            continue
+        k, v = states["keys"], states["values"]
+        if tuple(k.shape[1:]) != shape or k.shape != v.shape or k.shape[0] != c.tokens:
+            damaged.append(c)
+            continue
+        keys.append(k.to(dtype))
+        values.append(v.to(dtype))
+    if not keys:
+        return Pool.empty(*shape, dtype), damaged
     k = torch.cat(keys).permute(1, 2, 0, 3).contiguous()  # (L, Hkv, n, hd)
     v = torch.cat(values).permute(1, 2, 0, 3).contiguous()
-    return Pool(k, v)
+    return Pool(k, v), damaged
 
 
 def cited(memory, selected: list[Candidate], tokenizer) -> list[dict]:

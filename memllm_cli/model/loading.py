@@ -135,7 +135,9 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     name, source = resolve(spec)
-    if isinstance(source, Path) and source.suffix == ".gguf":
+    if isinstance(source, str):
+        source = from_hub(source)
+    if source.suffix == ".gguf":
         source = _converted_gguf(source, cache_dir)
     checkpoint = trained_checkpoint(source)
     if checkpoint is not None:
@@ -168,26 +170,50 @@ def is_trained_config(config: dict) -> bool:
     return "num_tokens" in config and "num_blocks" in config
 
 
-def trained_checkpoint(source: Path | str) -> Path | None:
-    """The local directory of an official MemoryLLM / M+ checkpoint, or None for other models.
-    A hub id is looked up in the Hugging Face cache, and downloaded where the network allows."""
-    if isinstance(source, Path):
-        try:
-            config = json.loads((source / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return source if is_trained_config(config) else None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
+def trained_checkpoint(source: Path) -> Path | None:
+    """The directory of an official MemoryLLM / M+ checkpoint, or None for other models."""
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return source if is_trained_config(config) else None
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]  # never pickled weights (*.bin)
+HUB_TIMEOUT = 10.0  # seconds for the one request that says whether the hub has the model
+
+
+def from_hub(repo: str) -> Path:
+    """The local folder of a hub model: from the Hugging Face cache, else downloaded. Where
+    the hub cannot be reached, or has no such model, this fails in one line and within
+    seconds, before any download (whose retries take a minute)."""
+    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        config = json.loads(Path(hf_hub_download(source, "config.json")).read_text())
-        if not is_trained_config(config):
-            return None
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except (OSError, ValueError, EntryNotFoundError) as err:  # offline, unknown or gated repo, bad id:
-        log.debug("not a trained checkpoint on the hub (%s): %s", source, err)  # transformers says it best
-        return None
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass  # not in the cache
+    hint = "give a local directory or .gguf file, or download it where the network allows " \
+           f"(hf download {repo})"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"model {repo} is not in the Hugging Face cache, and the hub is off (HF_HUB_OFFLINE)",
+                         hint=hint)
+    try:
+        model_info(repo, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        raise ModelError(f"model {repo} on the Hugging Face hub is gated: accept its licence on its page",
+                         hint="then log in: hf auth login") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"no model {repo} on the Hugging Face hub (or it is private)",
+                         hint="check the id (org/name); for a private model: hf auth login") from None
+    except Exception as err:  # noqa: BLE001 - no network, DNS, TLS, a proxy: all mean the same here
+        raise ModelError(f"cannot reach the Hugging Face hub for model {repo}: {_first_line(err)}",
+                         hint=hint) from None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot download model {repo}: {_first_line(err)}", hint=hint) from None
 
 
 def _load_trained(name: str, path: Path, device: str, dtype: str | None) -> LoadedModel:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import memory
+from .. import __version__, memory
 from ..clock import now
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 from ..memory.base import forecast
@@ -65,7 +65,10 @@ class History(Session):
         repo = self.repo
         with repo.lock(self.settings.lock_timeout):
             self._open(locked=True)
-            version = repo.tags().get(tag)
+            try:
+                version = repo.resolve_tag(tag)
+            except StoreError:  # a garbled snapshot ref names nothing: deleting it loses nothing
+                version = None
             repo.delete_tag(tag)
             repo.log_operation({"time": now(), "op": "snapshot-delete", "tag": tag, "version": version})
         return {"deleted": tag, "version": version}
@@ -146,31 +149,97 @@ class History(Session):
     # -- repair ------------------------------------------------------------------------
 
     def repair(self, target: str | None = None, *, dry_run: bool = False) -> dict:
-        """Point a lost or garbled HEAD at `target` (a snapshot or version id), by default at
-        the newest version the journal records as committed whose file is intact."""
+        """Mend what verify reports and can be mended without losing anything: a damaged
+        memory.json is written again (from the journal, else from HEAD and the model); a lost
+        or garbled HEAD points at `target` (a snapshot or version id), by default the newest
+        version the journal records as committed whose file is intact; damaged journal lines,
+        snapshot refs that name no version and damaged versions nothing names are moved
+        under damaged/. Blocks are never touched (forget --purge or rollback deals with a
+        damaged document)."""
         with self.repo.lock(self.settings.lock_timeout):
+            fixed: list[str] = []
+            info_problem = self._info_problem()
+            if info_problem:
+                if not dry_run:
+                    self.repo.rebuild_info(self._recovered_info())
+                fixed.append(f"memory.json: {info_problem}")
             self._open(locked=True)
+            repo = self.repo
+            head = None
             problem = self._head_problem()
-            if problem is None:
-                if target is not None:
-                    raise InputError("HEAD is intact; nothing to repair", hint="memllm snapshot rollback moves it")
-                return {"memory": self.memory_name, "problem": None, "head": self.repo.head(), "repaired": False,
-                        "dry_run": dry_run}
-            version = self.repo.resolve(target) if target else self.repo.last_committed()
-            if version is None:
-                raise StoreError(f"memory {self.memory_name!r}: the journal names no intact committed version",
-                                 hint="memllm repair --to VERSION (ids are the names in its versions/ folder)")
-            return self._repair(version, problem, dry_run)
+            if problem is None and target is not None:
+                raise InputError("HEAD is intact; nothing to repair", hint="memllm snapshot rollback moves it")
+            if problem is not None:
+                head = repo.resolve(target) if target else repo.last_committed()
+                if head is None:
+                    raise StoreError(f"memory {self.memory_name!r}: the journal names no intact committed version",
+                                     hint="memllm repair --to VERSION (ids are the names in its versions/ folder)")
+                self._point_head(head, dry_run)
+                fixed.append(problem)
+            set_aside: list[str] = []
+            if tags := repo.damaged_tags():
+                fixed.append(f"snapshot refs that name no version: {', '.join(tags)}")
+                paths = [repo.folder / "refs" / "tags" / t for t in tags]
+                set_aside += [str(p.relative_to(repo.folder)) for p in paths] if dry_run else repo.set_aside(paths)
+            named = set(repo.tags().values()) | {head or repo.head()}
+            parents = {repo.version_meta(v).get("parent") for v in repo.versions()
+                       if not repo.damaged_versions({v})}
+            stray = [v for v in repo.damaged_versions(set(repo.versions())) if v not in named and v not in parents]
+            if stray:
+                fixed.append(f"damaged versions nothing needs: {', '.join(v[:12] for v in stray)}")
+                paths = [repo.folder / "versions" / f"{v}.safetensors" for v in stray]
+                set_aside += [str(p.relative_to(repo.folder)) for p in paths] if dry_run else repo.set_aside(paths)
+            _, torn = repo._journal()
+            if torn:
+                fixed.append(f"journal.jsonl: {len(torn)} damaged line(s)")
+                if not dry_run:
+                    repo.mend_journal()
+            if fixed and not dry_run:
+                repo.log_operation({"time": now(), "op": "repair", "version": head or repo.head(), "problem": fixed[0],
+                                    "problems": fixed})
+        return {"memory": self.memory_name, "problem": fixed[0] if fixed else None, "problems": fixed,
+                "head": head or self.repo.head(), "head_repaired": problem is not None and not dry_run,
+                "set_aside": set_aside, "repaired": bool(fixed) and not dry_run, "dry_run": dry_run}
 
     def _repair(self, version: str, problem: str, dry_run: bool) -> dict:
-        if self.repo.damaged_versions({version}):
-            raise StoreError(f"version {version[:12]} is damaged too",
-                             hint="choose another: memllm repair --to VERSION")
+        """Point a lost or damaged HEAD at `version` (rollback does this while HEAD is damaged)."""
+        self._point_head(version, dry_run)
         if not dry_run:
-            self.repo.set_head(version)
             self.repo.log_operation({"time": now(), "op": "repair", "version": version, "problem": problem})
         return {"memory": self.memory_name, "problem": problem, "head": version, "repaired": not dry_run,
                 "dry_run": dry_run}
+
+    def _point_head(self, version: str, dry_run: bool) -> None:
+        if self.repo.damaged_versions({version}):
+            raise StoreError(f"version {version[:12]} is damaged too", hint="choose another: memllm repair --to VERSION")
+        if not dry_run:
+            self.repo.set_head(version)
+
+    def _info_problem(self) -> str | None:
+        try:
+            self.repo.info()
+        except StoreError as err:
+            return err.message.split(": ", 2)[-1]
+        return None
+
+    def _recovered_info(self) -> dict:
+        """memory.json as it was: from the journal's create entry, else rebuilt from the newest
+        intact version and the model that wrote it (named by the journal, or --model)."""
+        journal = self.repo.journal()
+        created = next((e for e in journal if e.get("op") == "create"), {})
+        if isinstance(created.get("info"), dict):
+            return created["info"]
+        version = self.repo.last_committed() or next(
+            (v for v in sorted(self.repo.versions()) if not self.repo.damaged_versions({v})), None)
+        if version is None or not (self.settings.model or created.get("model")):
+            raise StoreError(f"memory {self.memory_name!r}: memory.json is damaged and nothing records it",
+                             hint="memllm --model MODEL repair, with the model that wrote the memory")
+        meta = self.repo.version_meta(version)
+        lm = self.model({"model": {"name": created.get("model"), "fingerprint": None}})
+        return {"kind": meta["kind"], "pool_size": meta["pool_size"], "write_context": meta["write_context"],
+                "dtype": meta["dtype"], "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+                "sink": lm.prompt.sink_text, "created": created.get("time", meta.get("time")),
+                "memllm": __version__}
 
     def _head_problem(self) -> str | None:
         """What is wrong with refs/HEAD, or None when it names an existing version (or the
@@ -182,7 +251,11 @@ class History(Session):
         versions = self.repo.versions()
         if head is None:
             return "refs/HEAD is missing" if versions else None
-        return None if head in versions else f"refs/HEAD names version {head[:12]}, which is missing"
+        if head not in versions:
+            return f"refs/HEAD names version {head[:12]}, which is missing"
+        if self.repo.damaged_versions({head}):
+            return f"refs/HEAD names version {head[:12]}, which is damaged"
+        return None
 
     # -- forgetting --------------------------------------------------------------------
 

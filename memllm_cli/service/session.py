@@ -6,10 +6,11 @@ and the model; the memory kinds (memory/) decide what writing, reading and count
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -25,6 +26,8 @@ from ..store import FORMAT, Store
 from ..store.migrations import migrate
 from ..text.chunking import Chunk, chunk_document
 from ..text.sources import Collected, Document, collect
+
+log = logging.getLogger("memllm")
 
 CHECKPOINT_SECONDS = 60.0  # a long ingest commits this often, at chunk boundaries
 READ_BUDGET = 1024  # tokens ask reads by default (docs/design.md, "Reading within a budget")
@@ -83,8 +86,10 @@ class _Step:
 class Answer:
     """Iterate for the answer's text pieces as they are generated; then read the totals."""
 
-    def __init__(self, tokens: Iterator[int], tokenizer, info: dict, started: float) -> None:
+    def __init__(self, tokens: Iterator[int], tokenizer, info: dict, started: float,
+                 judge: Callable[[str], dict] | None = None) -> None:
         self._tokens = tokens
+        self._judge = judge
         self._tokenizer = tokenizer
         self.info = info
         self.ids: list[int] = []
@@ -109,6 +114,13 @@ class Answer:
             yield text[len(self.text):]  # what was held back, even if it ends mid-character
         self.text = text
         self.seconds = time.perf_counter() - self.started
+        if self._judge is not None:
+            self.info.update(self._judge(text))
+
+    @property
+    def grounded(self) -> bool | None:
+        """Whether what was read supports the answer (after iterating); None: not judged."""
+        return self.info.get("grounded")
 
     def to_dict(self) -> dict:
         return {
@@ -163,7 +175,7 @@ class Session:
             self._model = load_model(
                 spec, cache_dir=self.settings.cache_dir, device=self.settings.device, dtype=self.settings.dtype
             )
-        if info is not None and info["model"]["fingerprint"] != self._model.fingerprint:
+        if info is not None and info["model"].get("fingerprint") not in (None, self._model.fingerprint):
             raise ModelError(
                 f"memory {self.memory_name!r} was written by model {info['model']['name']}, "
                 f"not by {self._model.name}",
@@ -203,14 +215,15 @@ class Session:
         lm = self.model(self.repo.info()) if model or states else None
         return memory.for_version(meta).load(version, tensors, meta, lm, self.repo, states=states)
 
-    def check_head(self, mem: Memory) -> None:
-        """Refuse to build on a pool whose blocks are damaged: a commit would carry the damage on."""
+    def check_head(self, mem: Memory, done: str = "nothing was written") -> None:
+        """Refuse to build on (or read) a pool whose blocks are damaged: a commit would carry
+        the damage on, an answer would be made of garbage."""
         tensors, meta = mem.version_record("check")
         damaged = self.repo.damaged_blocks(mem.held_blocks(tensors, meta))
         if damaged:
             names = sorted({self._block_source(b) for b in damaged})
             raise StoreError(f"memory {self.memory_name!r} is damaged: {len(damaged)} block(s) of HEAD "
-                             f"({', '.join(names[:3])}) are missing or corrupt; nothing was written",
+                             f"({', '.join(names[:3])}) are missing or corrupt; {done}",
                              hint="see memllm verify; memllm snapshot rollback to an intact version, or "
                                   "memllm forget the damaged documents")
 
@@ -243,7 +256,8 @@ class Session:
             "memllm": __version__,
         }
         self.repo.create(info)
-        self.repo.log_operation({"time": info["created"], "op": "create", "model": lm.name})
+        # the journal keeps memory.json's content, so that `memllm repair` can restore it
+        self.repo.log_operation({"time": info["created"], "op": "create", "model": lm.name, "info": info})
         mem.library = self.repo
         return self.repo.info()
 
@@ -405,6 +419,8 @@ class Session:
         if mem is None or len(mem) == 0:
             raise MemoryNotFound(f"memory {self.memory_name!r} is empty",
                                  hint="ingest something first: memllm ingest FILE")
+        if budget == 0 or not mem.checks_reads:
+            self.check_head(mem, "nothing was read")  # what is read must be what was stored
         return self._answer(mem, question, chosen, budget, started)
 
     def budget(self, budget: int | None = None) -> int:
@@ -419,7 +435,10 @@ class Session:
         lm = self.model()
         reading = mem.read(question, budget, chosen)
         reading.info = {"model": lm.name, "memory": self.memory_name, **reading.info}  # the kind adds to it
-        return Answer(reading.tokens, lm.tokenizer, reading.info, started)
+        for part in reading.info.get("damaged", []):
+            log.warning("%s, chunk %d, is damaged in memory %r and was not read; see memllm verify",
+                        part["source"], part["chunk"], self.memory_name)
+        return Answer(reading.tokens, lm.tokenizer, reading.info, started, reading.judge)
 
     # -- status ------------------------------------------------------------------------
 

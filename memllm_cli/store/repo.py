@@ -43,9 +43,18 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
+
+
+class DamagedBlock(StoreError):
+    """A block read for an answer or a write is missing, or not what was stored."""
+
+    def __init__(self, memory: str, block: str, why: str) -> None:
+        super().__init__(f"memory {memory!r} is damaged: block {block[:12]} cannot be used: {why}",
+                         hint="see memllm verify")
+        self.block = block
 
 log = logging.getLogger("memllm")
 
@@ -101,6 +110,7 @@ class Repo:
 
     def create(self, info: dict) -> None:
         folder = self.folder
+        self._check_no_history()
         _private_dir(self.store.root)
         for sub in ("", "blocks", "versions", "refs", "refs/tags"):
             _private_dir(folder / sub)
@@ -109,6 +119,7 @@ class Repo:
     def info(self) -> dict:
         path = self.folder / INFO
         if not path.is_file():
+            self._check_no_history()
             raise MemoryNotFound(f"no memory named {self.name!r}", hint=_known(self.store.names()))
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
@@ -116,6 +127,13 @@ class Repo:
             raise StoreError(f"memory {self.name!r} is damaged: cannot read {path}: {err}") from None
         _check_format(self.name, info.get("format"))
         return info
+
+    def _check_no_history(self) -> None:
+        """A folder with versions but no memory.json is a damaged memory, never a new one."""
+        versions = self.folder / "versions"
+        if versions.is_dir() and any(versions.glob("*.safetensors")):
+            raise StoreError(f"memory {self.name!r} is damaged: memory.json is missing, though it has versions",
+                             hint="memllm repair restores it")
 
     def set_format(self, info: dict) -> None:
         _atomic_write(self.folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
@@ -184,6 +202,24 @@ class Repo:
                 return out
         except (OSError, SafetensorError) as err:
             raise StoreError(f"memory {self.name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+
+    def read_block_checked(self, block: str, keys: tuple[str, ...]) -> dict:
+        """A whole block's tensors, checked as they are read: its bytes must hash to its id
+        and every value must be finite; DamagedBlock otherwise."""
+        path = self._object("blocks", block)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DamagedBlock(self.name, block, err.strerror or str(err)) from None
+        if hashlib.sha256(data).hexdigest() != block:
+            raise DamagedBlock(self.name, block, "its bytes no longer match its id")
+        tensors = load(data)
+        for key in keys:
+            if key not in tensors:
+                raise DamagedBlock(self.name, block, f"it has no {key!r}")
+            if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+                raise DamagedBlock(self.name, block, "it holds NaN or infinite values")
+        return {key: tensors[key] for key in keys}
 
     def has_block(self, block: str) -> bool:
         return (self.folder / "blocks" / f"{block}.safetensors").is_file()
@@ -262,6 +298,10 @@ class Repo:
             return {}
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         return {tag: self._ref(f"tags/{tag}") for tag in names}
+
+    def resolve_tag(self, tag: str) -> str | None:
+        """The version a snapshot names (None: no such snapshot); StoreError when garbled."""
+        return self._ref(f"tags/{tag}") if _NAME.match(tag) and tag != "HEAD" else None
 
     def set_tag(self, tag: str, version: str) -> None:
         if not _NAME.match(tag) or tag == "HEAD":
@@ -452,6 +492,60 @@ class Repo:
                 out.append(block)
         return out
 
+    # -- repair ------------------------------------------------------------------------
+
+    def set_aside(self, paths: list[Path]) -> list[str]:
+        """Move damaged files into <memory>/damaged/<time>/ (never deleted: the user may want
+        them); returns their paths relative to the memory's folder."""
+        if not paths:
+            return []
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        moved = []
+        for path in paths:
+            relative = path.relative_to(self.folder)
+            target = self.folder / "damaged" / stamp / relative
+            for parent in reversed(target.parents[: len(relative.parts) + 1]):
+                _private_dir(parent)
+            os.replace(path, target)
+            moved.append(str(relative))
+        _fsync_dir(self.folder)
+        return moved
+
+    def damaged_tags(self) -> list[str]:
+        """Snapshot names whose ref file does not name a version."""
+        folder = self.folder / "refs" / "tags"
+        out = []
+        for tag in sorted(os.listdir(folder)) if folder.is_dir() else []:
+            if tag.startswith("."):
+                continue
+            try:
+                self._ref(f"tags/{tag}")
+            except StoreError:
+                out.append(tag)
+        return out
+
+    def mend_journal(self) -> int:
+        """Rewrite the journal without its damaged lines (kept under damaged/); returns how many."""
+        entries, damaged = self._journal()
+        if not damaged:
+            return 0
+        path = self.folder / "journal.jsonl"
+        lines = path.read_bytes().split(b"\n")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        aside = self.folder / "damaged" / stamp
+        _private_dir(self.folder / "damaged")
+        _private_dir(aside)
+        _atomic_write(aside / "journal-lines.txt", b"\n".join(lines[n - 1] for n in damaged) + b"\n")
+        _atomic_write(path, b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+        return len(damaged)
+
+    def rebuild_info(self, info: dict) -> None:
+        """Write memory.json again (after it was damaged), keeping the damaged copy aside."""
+        path = self.folder / INFO
+        if path.exists():
+            self.set_aside([path])
+        _atomic_write(path, json.dumps({**info, "format": FORMAT}, indent=2).encode())
+
     def damaged_versions(self, versions: set[str]) -> list[str]:
         """Those of `versions` whose file is missing or no longer hashes to its id."""
         out = []
@@ -517,9 +611,11 @@ class Repo:
         return freed
 
     def remove_if_empty(self) -> None:
-        """Remove a memory folder that never got its memory.json (a failed import or create)."""
+        """Remove a memory folder that never got its memory.json (a failed import or create),
+        and never one with history (a memory whose memory.json was lost: repair restores it)."""
         folder = self.folder
-        if folder.is_dir() and not (folder / INFO).exists():
+        history = any((folder / "versions").glob("*.safetensors")) or (folder / "refs" / "HEAD").exists()
+        if folder.is_dir() and not (folder / INFO).exists() and not history:
             shutil.rmtree(folder, ignore_errors=True)
 
     def remove_temporaries(self) -> int:

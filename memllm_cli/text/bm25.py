@@ -32,3 +32,20 @@ def bm25_scores(retriever, question: str, count: int) -> list[float]:
         for i, score in zip(order[0].tolist(), values[0].tolist(), strict=True):
             scores[i] = float(score)
     return scores
+
+
+def rarity(retriever):
+    """A term's inverse document frequency in the index, log(1 + n / (1 + df)); a term the
+    index does not know is as rare as can be."""
+    if retriever is None:
+        return lambda term: 1.0
+    import math
+
+    vocab, indptr, n = retriever.vocab_dict, retriever.scores["indptr"], int(retriever.scores["num_docs"])
+
+    def weight(term: str) -> float:
+        v = vocab.get(term)
+        df = 0 if v is None else int(indptr[v + 1] - indptr[v])
+        return math.log(1 + n / (1 + df))
+
+    return weight
