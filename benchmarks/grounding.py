@@ -8,6 +8,10 @@ thresholds are swept, and the pair kept that flags the most not-ingested answers
 ingested questions lose under 5% of their correct answers.
 
     python benchmarks/grounding.py --rows 100 --out grounding.json
+    python benchmarks/grounding.py --from-json a.json b.json   # choose on several runs together
+
+The shipped thresholds were chosen on rows 0-199 and 200-399 together and checked on rows
+400-599 (docs/benchmarks.md, "Grounded answers").
 """
 
 from __future__ import annotations
@@ -83,10 +87,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-loss", type=float, default=0.05)
-    parser.add_argument("--from-json", type=Path, help="sweep the answers of an earlier run instead")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="sweep the answers of earlier runs (--out files) "
+                        "together instead of asking")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = json.loads(args.from_json.read_text())["answers"] if args.from_json else measure(args)
+    rows = [r for f in args.from_json for r in json.loads(f.read_text())["answers"]] if args.from_json \
+        else measure(args)
     result = {"rows": args.rows, "first_row": args.first_row, **sweep(rows, args.max_loss)}
     if args.out:
         args.out.write_text(json.dumps({**result, "answers": rows}, indent=1))

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-MIN_RELEVANCE = 0.5  # measured: docs/benchmarks.md, "Grounded answers"
-MIN_SUPPORT = 0.3
+MIN_RELEVANCE = 0.25  # measured: docs/benchmarks.md, "Grounded answers"
+MIN_SUPPORT = 0.25
 
 
 def terms(text: str) -> list[str]:

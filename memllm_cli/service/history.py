@@ -179,17 +179,15 @@ class History(Session):
             set_aside: list[str] = []
             if tags := repo.damaged_tags():
                 fixed.append(f"snapshot refs that name no version: {', '.join(tags)}")
-                paths = [repo.folder / "refs" / "tags" / t for t in tags]
-                set_aside += [str(p.relative_to(repo.folder)) for p in paths] if dry_run else repo.set_aside(paths)
+                set_aside += repo.set_aside_objects(tags=tags, dry_run=dry_run)
             named = set(repo.tags().values()) | {head or repo.head()}
             parents = {repo.version_meta(v).get("parent") for v in repo.versions()
                        if not repo.damaged_versions({v})}
             stray = [v for v in repo.damaged_versions(set(repo.versions())) if v not in named and v not in parents]
             if stray:
                 fixed.append(f"damaged versions nothing needs: {', '.join(v[:12] for v in stray)}")
-                paths = [repo.folder / "versions" / f"{v}.safetensors" for v in stray]
-                set_aside += [str(p.relative_to(repo.folder)) for p in paths] if dry_run else repo.set_aside(paths)
-            _, torn = repo._journal()
+                set_aside += repo.set_aside_objects(versions=stray, dry_run=dry_run)
+            torn = repo.damaged_journal_lines()
             if torn:
                 fixed.append(f"journal.jsonl: {len(torn)} damaged line(s)")
                 if not dry_run:

@@ -494,6 +494,18 @@ class Repo:
 
     # -- repair ------------------------------------------------------------------------
 
+    def set_aside_objects(self, tags: list[str] = (), versions: list[str] = (), *, dry_run: bool = False) -> list[str]:
+        """Move damaged snapshot refs and version files under damaged/ (see `set_aside`);
+        returns their paths inside the memory (what would move, with `dry_run`)."""
+        paths = [self.folder / "refs" / "tags" / t for t in tags]
+        paths += [self.folder / "versions" / f"{v}.safetensors" for v in versions]
+        if dry_run:
+            return [str(p.relative_to(self.folder)) for p in paths]
+        return self.set_aside(paths)
+
+    def damaged_journal_lines(self) -> list[int]:
+        return self._journal()[1]
+
     def set_aside(self, paths: list[Path]) -> list[str]:
         """Move damaged files into <memory>/damaged/<time>/ (never deleted: the user may want
         them); returns their paths relative to the memory's folder."""
