@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 MIN_RELEVANCE = 0.25  # measured: docs/benchmarks.md, "Grounded answers"
-MIN_SUPPORT = 0.25
+MIN_SUPPORT = 0.1
 
 
 def terms(text: str) -> list[str]:
