@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,22 @@ def test_sixteen_passages_in_one_memory_are_read_within_the_budget():
         whole.add(item, "".join(service.ask(item.question, max_new_tokens=32, budget=0)))
     assert budget.correct >= 9, budget.details
     assert budget.correct >= whole.correct + 4, (budget.details, whole.details)
+
+
+def test_a_damaged_converted_model_is_converted_again(tmp_path):
+    # The converted model is the one stored file of memllm's outside a memory (issue 11's
+    # fault list): a damaged copy is noticed at load and converted again, the memory untouched.
+    assert memllm("ingest", str(ROOT / "examples" / "garden-notes.md")).returncode == 0  # the shared copy exists
+    from memllm_cli.config import load_settings
+
+    shared = load_settings().cache_dir / "models"
+    cache = tmp_path / "cache"
+    shutil.copytree(shared, cache / "models", ignore=shutil.ignore_patterns("*.lock", ".convert-*"))
+    [model] = [p for p in (cache / "models").iterdir() if (p / "model.safetensors").is_file()]
+    with open(model / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)  # cut short, as a full disk or a killed copy leaves it
+    out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "--json", "What is the tool shed code?"],
+                         capture_output=True, timeout=600, env={**os.environ, "MEMLLM_CACHE": str(cache)})
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"is damaged; converting it again" in out.stderr
+    assert "4172" in json.loads(out.stdout)["answer"]

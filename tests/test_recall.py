@@ -53,13 +53,18 @@ def test_nothing_ingested_is_lost_when_the_pool_drops_it(tiny_dir):
 def test_a_budget_reads_only_the_selected_blocks(tiny_dir, monkeypatch):
     service = filled(tiny_dir)
     reads = []
-    original = service.repo.read_block_rows
+    rows_read, checked = service.repo.read_block_rows, service.repo.read_block_checked
 
     def counting(block, rows, keys):
         reads.append((block, rows))
-        return original(block, rows, keys)
+        return rows_read(block, rows, keys)
+
+    def counting_whole(block, keys):
+        reads.append((block, None))
+        return checked(block, keys)
 
     monkeypatch.setattr(service.repo, "read_block_rows", counting)
+    monkeypatch.setattr(service.repo, "read_block_checked", counting_whole)
     answer = service.ask("Who is the garden coordinator?", max_new_tokens=2, budget=600)
     "".join(answer)
     assert len(reads) == len(answer.info["sources"]) >= 1 and all(rows is None for _, rows in reads)  # no pool load
@@ -124,8 +129,9 @@ def test_an_in_ram_memory_reads_its_pending_blocks(tiny_dir):
     assert len(idx.candidates) == 8 and all(c.block.startswith("pending-") for c in idx.candidates)
     selected = recall.select(idx, "Who is the garden coordinator?", 600)
     assert selected and {memory.sources[c.source]["name"] for c in selected} == {"garden"}
-    pool = recall.read(selected, torch.float16)
-    assert pool.keys.shape[2] == sum(c.tokens for c in selected)
+    engine = service.model().engine
+    pool, damaged = recall.read(selected, torch.float16, (engine.layers, engine.kv_heads, engine.head_dim))
+    assert pool.keys.shape[2] == sum(c.tokens for c in selected) and damaged == []
 
 
 def test_cli_ask_lists_its_sources(tmp_path, env_model):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +40,14 @@ class Candidate:
     load: Callable[[], dict]  # -> {"keys", "values"}: (T, L, Hkv, hd) token-major
     read_ids: Callable[[], list[int]]
     score: float = 0.0
+    _ids: list[int] | None = field(default=None, repr=False)
 
     @property
     def ids(self) -> list[int]:
-        return self.read_ids()
+        """The token ids the block was written from, read once (citing and judging both use them)."""
+        if self._ids is None:
+            self._ids = self.read_ids()
+        return self._ids
 
 
 @dataclass
