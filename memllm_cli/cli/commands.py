@@ -368,7 +368,8 @@ def repair(
 
     def text() -> None:
         if not result["problems"]:
-            print(f"nothing to repair (HEAD {(result['head'] or 'no versions yet')[:12]})")
+            print(f"nothing to repair (HEAD {result['head'][:12]})" if result["head"]
+                  else "nothing to repair (no versions yet)")
             return
         verb = "would mend" if dry_run else "mended"
         for problem in result["problems"]:

@@ -267,7 +267,9 @@ class FreeMemory(Memory):
             info["read_tokens"] = len(self)
             read = [c for c in idx.candidates if c.block in held]
         texts = [lm.tokenizer.decode(c.ids, skip_special_tokens=True) for c in read]
-        verdict = grounding.judge(question, texts, rarity(idx.retriever))
+        # a whole pool whose blocks keep no text (written before blocks kept their ids) cannot be judged
+        judged = bool(read) or "sources" in info
+        verdict = grounding.judge(question, texts, rarity(idx.retriever)) if judged else None
         tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), **vars(sampling))
         return Reading(tokens, info, verdict)
 
