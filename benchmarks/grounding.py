@@ -52,31 +52,35 @@ def measure(args) -> list[dict]:
     return rows
 
 
-def sweep(rows: list[dict], max_loss: float) -> dict:
+def rates(rows: list[dict], rel: float, sup: float) -> dict:
+    """What thresholds (rel, sup) flag: the share of correct ingested answers (lost), of
+    ingested answers and of absent answers."""
+    def flagged(r):
+        return r["relevance"] < rel or r["support"] < sup
+
     ingested = [r for r in rows if r["group"] == "ingested"]
     absent = [r for r in rows if r["group"] == "absent"]
     correct = [r for r in ingested if r["correct"]]
+    return {"min_relevance": rel, "min_support": sup,
+            "correct_lost": round(sum(map(flagged, correct)) / max(1, len(correct)), 3),
+            "ingested_flagged": round(sum(map(flagged, ingested)) / max(1, len(ingested)), 3),
+            "absent_flagged": round(sum(map(flagged, absent)) / max(1, len(absent)), 3)}
+
+
+def sweep(rows: list[dict], max_loss: float) -> dict:
+    """The thresholds that flag the most absent answers while losing under `max_loss` of the
+    correct ingested ones (fewer lost on a tie), beside the shipped ones."""
     best = None
     for rel, sup in itertools.product([i / 20 for i in range(21)], [i / 20 for i in range(21)]):
-        def flagged(r, rel=rel, sup=sup):
-            return r["relevance"] < rel or r["support"] < sup
-        lost = sum(map(flagged, correct)) / max(1, len(correct))
-        entry = {"min_relevance": rel, "min_support": sup, "correct_lost": round(lost, 3),
-                 "ingested_flagged": round(sum(map(flagged, ingested)) / len(ingested), 3),
-                 "absent_flagged": round(sum(map(flagged, absent)) / len(absent), 3)}
-        if lost < max_loss and (best is None or entry["absent_flagged"] > best["absent_flagged"] or (
-                entry["absent_flagged"] == best["absent_flagged"] and entry["correct_lost"] < best["correct_lost"])):
+        entry = rates(rows, rel, sup)
+        if entry["correct_lost"] < max_loss and (best is None or (entry["absent_flagged"], -entry["correct_lost"])
+                                                 > (best["absent_flagged"], -best["correct_lost"])):
             best = entry
-    now = {"min_relevance": grounding.MIN_RELEVANCE, "min_support": grounding.MIN_SUPPORT}
-    flagged_now = [not (r["relevance"] >= now["min_relevance"] and r["support"] >= now["min_support"]) for r in rows]
-    current = {**now,
-               "correct_lost": round(sum(f for f, r in zip(flagged_now, rows) if r in correct) / max(1, len(correct)), 3),
-               "ingested_flagged": round(sum(f for f, r in zip(flagged_now, rows) if r["group"] == "ingested")
-                                         / len(ingested), 3),
-               "absent_flagged": round(sum(f for f, r in zip(flagged_now, rows) if r["group"] == "absent")
-                                       / len(absent), 3)}
-    return {"ingested": len(ingested), "ingested_correct": len(correct), "absent": len(absent),
-            "absent_correct": sum(r["correct"] for r in absent), "best": best, "current": current}
+    ingested = [r for r in rows if r["group"] == "ingested"]
+    absent = [r for r in rows if r["group"] == "absent"]
+    return {"ingested": len(ingested), "ingested_correct": sum(r["correct"] for r in ingested),
+            "absent": len(absent), "absent_correct": sum(r["correct"] for r in absent), "best": best,
+            "current": rates(rows, grounding.MIN_RELEVANCE, grounding.MIN_SUPPORT)}
 
 
 def main() -> None:

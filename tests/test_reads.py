@@ -8,7 +8,6 @@ import sys
 import time
 
 from memllm_cli.memory import grounding
-from memllm_cli.service import Memllm
 
 
 def memllm(*args, env=None):

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import ModelError, StoreError
 from ..model.pool import Pool, drop_uniform
-from ..text.chunking import chunk_document
 from ..text.bm25 import rarity
+from ..text.chunking import chunk_document
 from . import grounding, recall
 from .base import CHUNK_TOKENS, DTYPES, BlockSource, Memory, Reading, Sampling
 
@@ -262,7 +262,8 @@ class FreeMemory(Memory):
             info["read_tokens"] = sum(c.tokens for c in read)
             info["sources"] = recall.cited(self, read, lm.tokenizer)
         if context is None:
-            held = {self.blocks[b] if b >= 0 else f"pending-{-1 - b}" for b in self.pool.tags["block"].unique().tolist()}
+            held = {self.blocks[b] if b >= 0 else f"pending-{-1 - b}"
+                    for b in self.pool.tags["block"].unique().tolist()}
             context = self.context()
             info["read_tokens"] = len(self)
             read = [c for c in idx.candidates if c.block in held]

@@ -209,7 +209,8 @@ class History(Session):
 
     def _point_head(self, version: str, dry_run: bool) -> None:
         if self.repo.damaged_versions({version}):
-            raise StoreError(f"version {version[:12]} is damaged too", hint="choose another: memllm repair --to VERSION")
+            raise StoreError(f"version {version[:12]} is damaged too",
+                             hint="choose another: memllm repair --to VERSION")
         if not dry_run:
             self.repo.set_head(version)
 

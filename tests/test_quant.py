@@ -1,0 +1,42 @@
+"""KIVI-style quantization of blocks (issue 12, compact blocks): round trips within half a
+step, the grouping the literature uses, and 4-bit packing."""
+
+import pytest
+import torch
+
+from memllm_cli.model.quant import dequantize, quantize, stored_bytes
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("axis, group", [("tokens", 32), ("channels", 16)])
+def test_a_round_trip_is_within_half_a_step(bits, axis, group):
+    torch.manual_seed(0)
+    x = torch.randn(45, 3, 2, 32) * 4  # (T, L, Hkv, hd); 45 tokens: the last token group is padded
+    q = quantize(x, bits, group, axis)
+    y = dequantize(q, bits, group, axis, tuple(x.shape), torch.float32)
+    step = q["scale"].float().max()
+    assert y.shape == x.shape and float((x - y).abs().max()) <= 0.5 * float(step) + 1e-2
+
+
+def test_keys_are_grouped_per_channel_so_an_outlier_channel_costs_only_itself():
+    x = torch.randn(64, 1, 1, 16)
+    x[..., 3] *= 1000  # an outlier channel, as keys have
+    per_channel = dequantize(quantize(x, 4, 64, "tokens"), 4, 64, "tokens", tuple(x.shape), torch.float32)
+    per_token = dequantize(quantize(x, 4, 16, "channels"), 4, 16, "channels", tuple(x.shape), torch.float32)
+    others = [c for c in range(16) if c != 3]
+    assert (x - per_channel)[..., others].abs().max() < 0.5 < (x - per_token)[..., others].abs().max()
+
+
+def test_four_bits_take_half_the_bytes_of_eight():
+    x = torch.randn(64, 2, 2, 32)
+    eight, four = quantize(x, 8, 32, "channels"), quantize(x, 4, 32, "channels")
+    assert four["codes"].numel() * 2 == eight["codes"].numel()
+    assert stored_bytes(four) < stored_bytes(eight) < x.numel() * 2  # both below fp16
+
+
+def test_bad_settings_are_refused():
+    x = torch.randn(8, 1, 1, 12)
+    with pytest.raises(ValueError, match="bits"):
+        quantize(x, 3, 4, "tokens")
+    with pytest.raises(ValueError, match="multiple"):
+        quantize(x, 8, 5, "channels")
