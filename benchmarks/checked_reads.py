@@ -8,7 +8,6 @@ blocks unchecked (memory-mapped), beside the whole ask.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -36,8 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["MEMLLM_HOME"] = home
         service = Memllm(model=args.model)
-        service.ingest_documents([Document(f"nq-{it.row}.txt", it.passage,
-                                           hashlib.sha256(it.passage.encode()).hexdigest()) for it in items])
+        service.ingest_documents([Document.of(f"nq-{it.row}.txt", it.passage) for it in items])
         mem = service.load()
         lm = service.model()
         engine = lm.engine

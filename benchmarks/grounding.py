@@ -17,7 +17,6 @@ The shipped thresholds were chosen on the runs at --first-row 0, 200 and 400 tog
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -39,8 +38,7 @@ def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as home:
         os.environ["MEMLLM_HOME"] = home
         service = Memllm(model=args.model)
-        service.ingest_documents([Document(f"nq-{it.row}.txt", it.passage, hashlib.sha256(it.passage.encode())
-                                           .hexdigest()) for it in ingested])
+        service.ingest_documents([Document.of(f"nq-{it.row}.txt", it.passage) for it in ingested])
         for group, chosen in (("ingested", ingested), ("absent", absent)):
             for it in chosen:
                 answer = service.ask(it.question, max_new_tokens=args.max_tokens)

@@ -14,7 +14,6 @@ quantized keys and values (fp16: 2 bytes an element).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -59,8 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["MEMLLM_HOME"] = home
         service = Memllm(model=args.model)
-        service.ingest_documents([Document(f"nq-{it.row}.txt", it.passage,
-                                           hashlib.sha256(it.passage.encode()).hexdigest()) for it in items])
+        service.ingest_documents([Document.of(f"nq-{it.row}.txt", it.passage) for it in items])
         mem = service.load()
         lm = service.model()
         idx = recall.index(mem, lm.tokenizer)

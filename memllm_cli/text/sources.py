@@ -28,6 +28,11 @@ class Document:
     text: str
     sha256: str  # of the UTF-8 bytes: re-ingesting the same content is a no-op
 
+    @classmethod
+    def of(cls, name: str, text: str) -> Document:
+        """A document of text given by a program (its name is its identity)."""
+        return cls(name, text, hashlib.sha256(text.encode()).hexdigest())
+
     @property
     def identity(self) -> str | None:
         """What makes two ingests the same document: its name, so an edited file replaces
