@@ -26,6 +26,7 @@ from memllm_cli.text import prompts
 
 DEV_ROWS = 2000
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
+WHOLE_POOL = 1 << 20  # a write context of at least the pool: each chunk written after the whole pool
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
         # "-nosink" (no pinned prefix at all) or "-truepos" (each chunk rotated at the position
         # it will be read at, instead of right after its write context).
         wc, _, variant = spec.partition("-")
-        write_context = None if wc == "all" else int(wc)
+        write_context = WHOLE_POOL if wc == "all" else int(wc)
 
         def answer(group):
             lm = service.model()

@@ -6,7 +6,7 @@ stored, and round-tripped through KIVI-style quantization (memllm_cli/model/quan
 per channel over groups of tokens, values per token over groups of channels) at 8 and 4
 bits. Reported per format: correct answers (32 tokens, greedy), the largest absolute
 difference of the first answer token's logits against fp16, and bytes per token of the
-quantized keys and values (fp16: 2 bytes an element).
+blocks as stored (keys and values, plus 4 bytes of token id; fp16: 2 bytes an element).
 
     python benchmarks/quantized_blocks.py --passages 16 --first-row 0
 """
@@ -22,27 +22,27 @@ from pathlib import Path
 import torch
 
 from memllm_cli.bench.qa import is_correct, load_items
-from memllm_cli.memory import recall
+from memllm_cli.memory import codec, recall
 from memllm_cli.memory.free import sink
 from memllm_cli.model.pool import Pool
-from memllm_cli.model.quant import dequantize, quantize, stored_bytes
 from memllm_cli.service import Memllm
 from memllm_cli.text.sources import Document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
-FORMATS = {"fp16": None, "int8": (8, 64), "int4-g64": (4, 64), "int4-g32": (4, 32)}  # (bits, group)
+# memllm's block formats (memllm_cli/memory/codec.py), KIVI's own grouping of 32, and one value
+# scale per token and layer (all heads' channels: 192 for SmolLM2) for comparison
+FORMATS = {**codec.FORMATS, "int4-g32": {"bits": 4, "key_group": 32, "value_group": 32},
+           "int4-layer": {"bits": 4, "key_group": 128, "value_group": 192}}
 
 
-def round_trip(states: dict, fmt: tuple[int, int] | None) -> tuple[dict, int]:
+def round_trip(states: dict, fmt: dict | None) -> tuple[dict, int]:
+    """The block's keys and values as a block of this format reads them back, and its bytes
+    (keys and values as stored, plus 4 bytes of token id a token, as on disk)."""
     keys, values = states["keys"], states["values"]  # (T, L, Hkv, hd)
-    if fmt is None:
-        return states, (keys.numel() + values.numel()) * 2
-    bits, group = fmt
-    qk = quantize(keys, bits, group, "tokens")
-    qv = quantize(values, bits, min(group, values.shape[-1]), "channels")
-    out = {"keys": dequantize(qk, bits, group, "tokens", tuple(keys.shape)),
-           "values": dequantize(qv, bits, min(group, values.shape[-1]), "channels", tuple(values.shape))}
-    return out, stored_bytes(qk) + stored_bytes(qv)
+    found = codec.resolved(fmt, values)
+    stored = codec.encode(keys, values, found)
+    size = sum(t.numel() * t.element_size() for t in stored.values()) + 4 * len(keys)
+    return codec.decode(stored, found, len(keys), tuple(keys.shape[1:])), size
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from memllm_cli.service import CHUNK_TOKENS, Memllm
 from memllm_cli.text.chunking import chunk_document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-oracle.jsonl.gz"
+WHOLE_POOL = 1 << 20  # a write context of at least the pool: each chunk written after the whole pool
 QUESTION = "Who received the first Nobel Prize in Physics?"
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     results["plain_forward_tokens_per_s"] = round(plain_rate, 1)
 
     for wc in args.write_context:
-        write_context = None if wc == "all" else int(wc)
+        write_context = WHOLE_POOL if wc == "all" else int(wc)
         memory = service.scratch_memory(pool_size=pool_size, write_context=write_context, seed=0)
         source = memory.add_source("bench", "")
         chunk_iter = iter(chunks)

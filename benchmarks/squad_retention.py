@@ -20,6 +20,7 @@ from memllm_cli.bench.qa import is_correct
 from memllm_cli.service import Memllm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v2_dev_5articles_retention_eval.json"
+WHOLE_POOL = 1 << 20  # a write context of at least the pool: each chunk written after the whole pool
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
                 memory = None
                 if mode != "prompt":
                     wc = mode.removeprefix("memory-")
-                    memory = service.scratch_memory(write_context=None if wc == "all" else int(wc), seed=0)
+                    memory = service.scratch_memory(write_context=WHOLE_POOL if wc == "all" else int(wc), seed=0)
                     for text in texts:
                         service.write_text(memory, text)
                 for q in item["questions"]:

@@ -40,7 +40,8 @@ class Settings:
     dtype: str | None = None
     lock_timeout: float = 600.0  # seconds a writer waits for another writer of the same memory
     pool_size: int | None = None  # for new memories; None: the model's default
-    write_context: int | None = None  # for new memories; None: the whole pool
+    write_context: int | None = None  # for new memories; None: the default (docs/design.md)
+    block_format: str | None = None  # float16, int8 or int4: how new blocks store keys and values; None: the default
     gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
     read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
     gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
@@ -51,6 +52,7 @@ _TYPES = typing.get_type_hints(Settings)
 KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("home", "cache_dir"))
 _NON_NEGATIVE = {"lock_timeout", "write_context", "read_budget", "gc_keep_long_term"}
 _POSITIVE = {"pool_size", "gc_keep_versions"}
+_CHOICES = {"block_format": ("float16", "int8", "int4")}
 
 
 def config_path() -> Path:
@@ -101,6 +103,8 @@ def _checked(path: Path, key: str, value):
     if not ok:
         wanted = " or ".join({int: "an integer", float: "a number", str: "a string"}[t] for t in allowed)
         raise ConfigError(f"{path}: {key} must be {wanted}, not {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, not {value!r}")
     if key in _POSITIVE and value < 1 or key in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{path}: {key} must be {'>= 1' if key in _POSITIVE else '>= 0'}, not {value!r}")
     return float(value) if float in allowed and not isinstance(value, str) else value

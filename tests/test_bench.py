@@ -244,3 +244,70 @@ def test_cli_bench_on_a_tiny_model(tmp_path, env_model):
     proc = subprocess.run([sys.executable, "-m", "memllm_cli", "bench", "retention", "--questions", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and "--data" in proc.stderr
+
+
+class FakeScaleSubject:
+    """A stored memory of words: a question is answered right when its passage was ingested."""
+
+    def __init__(self):
+        self.stores, self.closed, self.plain = [], [], 0
+
+    def count(self, text):
+        return len(text.split())
+
+    def plain_forward(self, text):
+        self.plain += 1
+
+    def stored_memory(self):
+        self.stores.append([])
+        return self.stores[-1]
+
+    def ingest(self, stored, notes):
+        stored.extend(notes)
+        return sum(self.count(text) for _, text in notes)
+
+    def ask_stored(self, stored, question):
+        code = question.split("item ")[1].rstrip("?")
+        found = any(f"code{code}." in text for _, text in stored)
+        return (f"code{code}" if found else "no idea"), 0.01
+
+    def ask_text(self, texts, question):
+        return "code" + question.split("item ")[1].rstrip("?")
+
+    def disk_bytes(self, stored):
+        return 10 * sum(self.count(text) for _, text in stored)
+
+    def close(self, stored):
+        self.closed.append(stored)
+
+
+def test_scale_grows_one_memory_and_asks_only_what_it_holds(data):
+    subject = FakeScaleSubject()
+    filler = iter([(f"f{i}", " ".join(["word"] * 30)) for i in range(400)])
+    result = bench.scale(subject, data, sizes=[2000, 500], questions=5, filler=filler)
+    runs = result["runs"]
+    assert [r["tokens"] >= size for r, size in zip(runs, [500, 2000], strict=True)] == [True, True]
+    assert all(r["memory_correct"] == r["prompt_correct"] == r["questions"] == min(5, r["gold_notes"]) for r in runs)
+    assert runs[1]["gold_notes"] > runs[0]["gold_notes"] > 0  # gold passages spread over the whole memory
+    assert all(r["disk_bytes_per_token"] == 10 for r in runs)
+    assert len(subject.stores) == 1 and subject.closed == subject.stores  # one memory, removed at the end
+    gold = sum(1 for name, _ in subject.stores[0] if name.startswith("nq/"))
+    assert 0 < gold < len(subject.stores[0])  # gold among filler
+
+
+def test_cli_bench_scale_on_a_tiny_model(tmp_path, env_model, monkeypatch):
+    data = write_data(tmp_path / "nq.jsonl.gz", rows=80)
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("MEMLLM_BENCH_DIR", str(scratch))
+    proc = subprocess.run(
+        [sys.executable, "-m", "memllm_cli", "bench", "scale", "--data", str(data), "--size", "1000", "--size", "5000",
+         "--questions", "2", "--max-tokens", "4", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)["runs"]
+    assert len(runs) == 2 and runs[0]["tokens"] >= 1000 and runs[1]["tokens"] >= 5000
+    assert all(r["disk_bytes_per_token"] > 0 and r["ingest_over_plain"] > 0 for r in runs)
+    assert (out / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(scratch.iterdir()) == []  # the benchmark's memory is removed

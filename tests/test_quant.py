@@ -11,7 +11,7 @@ from memllm_cli.model.quant import dequantize, quantize, stored_bytes
 @pytest.mark.parametrize("axis, group", [("tokens", 32), ("channels", 16)])
 def test_a_round_trip_is_within_half_a_step(bits, axis, group):
     torch.manual_seed(0)
-    x = torch.randn(45, 3, 2, 32) * 4  # (T, L, Hkv, hd); 45 tokens: the last token group is padded
+    x = torch.randn(45, 3, 2, 32) * 4  # (T, L, Hkv, hd); 45 tokens: the last token group is shorter
     q = quantize(x, bits, group, axis)
     y = dequantize(q, bits, group, axis, tuple(x.shape), torch.float32)
     step = q["scale"].float().max()
@@ -40,3 +40,12 @@ def test_bad_settings_are_refused():
         quantize(x, 3, 4, "tokens")
     with pytest.raises(ValueError, match="multiple"):
         quantize(x, 8, 5, "channels")
+
+
+def test_codes_are_token_major_and_unpadded_and_a_value_group_may_span_heads():
+    x = torch.randn(45, 2, 3, 16)
+    keys, values = quantize(x, 4, 32, "tokens"), quantize(x, 4, 48, "channels")
+    assert keys["codes"].shape == (45, 2, 3, 8) and keys["scale"].shape == (2, 2, 3, 16)
+    assert values["codes"].shape == (45, 2, 3, 8) and values["scale"].shape == (45, 2, 1)
+    y = dequantize(values, 4, 48, "channels", tuple(x.shape), torch.float32)
+    assert float((x - y).abs().max()) <= 0.5 * float(values["scale"].float().max()) + 1e-2

@@ -110,6 +110,7 @@ def test_pool_read_back_from_blocks_equals_the_pool_written(service):
     memory.library = copy.repo
     copy._commit(memory, "ingest")
     loaded = copy.load(states=True)
+    memory.load_states()  # gathered from the blocks in RAM (writing keeps only the pool's index)
     assert torch.equal(loaded.pool.keys, memory.pool.keys) and torch.equal(loaded.pool.values, memory.pool.values)
     assert torch.equal(loaded.pool.tags["source"], memory.pool.tags["source"])
 
@@ -139,6 +140,7 @@ def test_a_format_1_memory_migrates_forward(tiny_dir, isolated_home):
         "format": 1, "kind": "training-free", "model": {"name": lm.name, "fingerprint": lm.fingerprint},
         "pool_size": memory.pool_size, "write_context": memory.write_context, "dtype": memory.dtype,
     }))
+    memory.load_states()
     tags = memory.pool.tags
     save_file(
         {"keys": memory.pool.keys, "values": memory.pool.values, "tag.source": tags["source"],

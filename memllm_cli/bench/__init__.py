@@ -20,8 +20,10 @@ from .protocols import (
     speed,
     unrelated,
 )
+from .scale import DEFAULT_SIZES, scale
 from .subject import ServiceSubject, environment
 
-__all__ = ["CHUNK_TOKENS", "DEFAULTS", "DEFAULT_KS", "DEV_ROWS", "METHODS", "Data", "ServiceSubject", "Subject",
+__all__ = ["CHUNK_TOKENS", "DEFAULTS", "DEFAULT_KS", "DEFAULT_SIZES", "DEV_ROWS", "METHODS", "Data", "ServiceSubject",
+           "Subject",
            "accuracy", "bm25_top", "environment", "integrity", "load_data", "pack", "parse_rows", "peak_rss", "plot",
-           "retention", "speed", "unrelated"]
+           "retention", "scale", "speed", "unrelated"]

@@ -38,7 +38,8 @@ class ServiceSubject:
         prefilled chunk by chunk (tests/test_service.py checks the equality)."""
         if "prompt" not in self._baselines:
             return None
-        return self.service.scratch_memory(pool_size=self.window, write_context=self.window, dtype="float32")
+        return self.service.scratch_memory(pool_size=self.window, write_context=self.window, dtype="float32",
+                                           block_format="float16")
 
     def room(self, memory) -> int:
         return memory.pool_size - len(memory)
@@ -103,6 +104,39 @@ class ServiceSubject:
 
     def disk_bytes_per_token(self, memory) -> float | None:
         return self.service.disk_bytes_per_token(memory)
+
+    # -- a stored memory (bench scale) ----------------------------------------------------
+
+    def stored_memory(self):
+        """An empty stored memory in a temporary home (under $MEMLLM_BENCH_DIR if set), with
+        this subject's model and settings."""
+        import dataclasses
+        import os
+        import tempfile
+        from pathlib import Path
+
+        home = Path(tempfile.mkdtemp(prefix="memllm-bench-", dir=os.environ.get("MEMLLM_BENCH_DIR")))
+        stored = type(self.service)(dataclasses.replace(self.service.settings, home=home, memory="scale"))
+        stored._model = self.service.model()
+        return stored
+
+    def ingest(self, stored, notes: list[tuple[str, str]]) -> int:
+        from ..text.sources import Document
+
+        return stored.ingest_documents([Document.of(name, text) for name, text in notes]).tokens
+
+    def ask_stored(self, stored, question: str) -> tuple[str, float]:
+        answer = stored.ask(question, max_new_tokens=self.max_new_tokens, budget=self.budget)
+        text = "".join(answer)
+        return text, answer.first_token_seconds or answer.seconds
+
+    def disk_bytes(self, stored) -> int:
+        return stored.repo.disk_bytes()
+
+    def close(self, stored) -> None:
+        import shutil
+
+        shutil.rmtree(stored.settings.home, ignore_errors=True)
 
 
 def environment(subject: Subject) -> dict:

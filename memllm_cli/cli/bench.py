@@ -43,7 +43,7 @@ def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        if name == "retention" and not bench.plot(result, out / f"{name}.png"):
+        if name in ("retention", "scale") and not bench.plot(result, out / f"{name}.png"):
             err("memllm: no plot: matplotlib is not installed (pip install matplotlib)")
     return result
 
@@ -136,6 +136,50 @@ def bench_integrity(
         subject, dataset, questions=questions, seed=seed, updates=updates, progress=progress),
         data=data, rows=rows, out=out, max_tokens=max_tokens)
     emit(result, as_json, lambda: _integrity_table(result))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    ctx: typer.Context,
+    data: DataOption = None,
+    rows: RowsOption = "0-1999",
+    sizes: Annotated[list[int] | None, typer.Option("--size", min=1, help="Tokens to grow the memory to and measure "
+                                                    "at; repeat (default 10000 100000 1000000).")] = None,
+    questions: Annotated[int, typer.Option("--questions", min=1, help="Gold questions asked at each size.")] = 40,
+    seed: SeedOption = 0,
+    max_tokens: TokensOption = 32,
+    as_json: JsonOption = False,
+    out: OutOption = None,
+) -> None:
+    """Scale: grow one stored memory of note-sized files (NQ passages among filler notes of
+    real text) to each size, and report there ingest tokens/s against a plain forward pass,
+    disk bytes per token, resident memory, ask first-token latency (median, p95) and the
+    accuracy of the gold questions against the gold passage alone in the prompt. The memory
+    lives in a temporary folder (under $MEMLLM_BENCH_DIR if set) and is removed after.
+
+    Examples:
+      memllm bench scale --data nq-open-oracle.jsonl.gz --out results/
+      memllm bench scale --data nq.jsonl.gz --size 10000 --size 100000 --questions 20
+    """
+    chosen = sorted(sizes or [])
+    result = _bench(ctx, "scale", lambda bench, subject, dataset, progress: bench.scale(
+        subject, dataset, sizes=chosen or bench.DEFAULT_SIZES, questions=questions, seed=seed, progress=progress),
+        data=data, rows=rows, out=out, max_tokens=max_tokens)
+    emit(result, as_json, lambda: _scale_table(result))
+
+
+def _scale_table(result: dict) -> None:
+    rows = table("tokens", "ingest tok/s", "x plain", "disk B/token", "disk", "RSS", "first token (median, p95)",
+                 "memory / prompt correct", title=f"memllm bench scale, {result['environment']['model']['name']}")
+    for r in result["runs"]:
+        first = r["first_token_s"] or {}
+        rows.add_row(f"{r['tokens']:,}", f"{r['ingest_tokens_per_s'] or 0:.0f}", f"{r['ingest_over_plain'] or 0:.2f}",
+                     f"{r['disk_bytes_per_token']:,.0f}", size(r["disk_bytes"]),
+                     size(r["rss_bytes"]) if r["rss_bytes"] else "-",
+                     f"{first.get('median', 0):.2f} s, {first.get('p95', 0):.2f} s",
+                     f"{r['memory_correct']}/{r['prompt_correct']} of {r['questions']}")
+    show(rows)
+    print(f"{result['seconds']:.0f} s; data {result['data']['path']} rows {result['data']['rows']}")
 
 
 def _retention_table(result: dict) -> None:

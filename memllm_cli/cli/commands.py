@@ -190,7 +190,8 @@ def status(
         show(f"memory [bold]{info['memory']}[/] ({info['kind']}), model {info['model']}\n"
              f"pool {info['tokens']}/{info['pool_size']} {info['unit']} ({info['fill']:.0%} full), "
              f"{info['updates']} updates, {info['dropped']} {info['unit'].split()[0]} dropped, "
-             f"{size(info['disk_bytes'])} on disk")
+             f"{size(info['disk_bytes'])} on disk"
+             + (f", {info['block_format']} blocks" if info.get("block_format") else ""))
         if info["sources"]:
             rows = table("source", "chunks", "tokens written", f"held ({info['unit']})", "held %", "long-term",
                          fold="source")

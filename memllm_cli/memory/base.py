@@ -77,6 +77,7 @@ class Memory(ABC):
     # whether reading within a budget checks each block as it reads it; otherwise (and for
     # reading the whole pool) the service checks every block the version holds first
     checks_reads: ClassVar[bool] = False
+    block_format: ClassVar[str | None] = None  # how blocks store keys and values, where the kind chooses
 
     # Ledger fields, declared by each dataclass subclass:
     pool_size: int
@@ -99,7 +100,7 @@ class Memory(ABC):
     @classmethod
     @abstractmethod
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
-               dtype: str | None = None, seed: int | None = None) -> Memory:
+               dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> Memory:
         """An empty memory for this model (settings the kind does not choose are ignored)."""
 
     @classmethod
@@ -124,6 +125,10 @@ class Memory(ABC):
         (its long-term tier) for reading within a budget."""
         self.keep_blocks = keep
 
+    def use_block_format(self, name: str) -> None:
+        """Write new blocks in this format (codec.FORMATS), where the kind has a choice."""
+        return None
+
     def settings(self) -> dict:
         """What memory.json records about this memory when it is created."""
         return {"kind": self.kind, "pool_size": self.pool_size, "write_context": self.write_context,
@@ -132,7 +137,8 @@ class Memory(ABC):
     @classmethod
     def create_for(cls, lm: LoadedModel, config) -> Memory:
         """An empty memory from the settings (`config.Settings`)."""
-        return cls.create(lm, pool_size=config.pool_size, write_context=config.write_context)
+        return cls.create(lm, pool_size=config.pool_size, write_context=config.write_context,
+                          block_format=config.block_format)
 
     # -- writing -----------------------------------------------------------------------
 

@@ -12,6 +12,12 @@ On disk each update's tokens become one immutable *block*, and the pool is a *ve
 the list of (block, row) pairs it holds, in order. Tokens written since the last commit
 point at pending blocks (negative block indices) until the commit writes them.
 
+Writing never copies the pool: it is held as that list of (block, row) pairs, and an update
+gathers only its write context (the last `write_context` tokens) from the blocks, in RAM for
+the blocks written in this process and through memory maps for the rest; dropping tokens
+selects rows of the list. The pool's keys and values are gathered whole only to read it
+whole (`context`), and kept until the next update.
+
 Reading within a budget (recall.py) puts only the blocks most relevant to the question
 after the sink; a budget of 0 reads the whole pool, as MemoryLLM does.
 """
@@ -30,7 +36,7 @@ from ..errors import ModelError, StoreError
 from ..model.pool import Pool, drop_uniform
 from ..text.bm25 import rarity
 from ..text.chunking import chunk_document
-from . import grounding, recall
+from . import codec, grounding, recall
 from .base import CHUNK_TOKENS, DTYPES, BlockSource, Memory, Reading, Sampling
 
 if TYPE_CHECKING:
@@ -39,7 +45,14 @@ if TYPE_CHECKING:
 # Per token: source id, chunk index, row in its block (= offset in the chunk), block index.
 TAGS = ("source", "chunk", "row", "block")
 DEFAULT_POOL_SIZE = 4096  # see docs/design.md, "Choosing N"
+DEFAULT_WRITE_CONTEXT = 256  # see docs/design.md, "Choosing N and the write context"
 ANSWER_RESERVE = 1024  # positions kept free after the pool for the question and the answer
+
+
+def index_pool(tags: dict[str, torch.Tensor]) -> Pool:
+    """A pool of these tokens without their keys and values (gathered from blocks when needed)."""
+    empty = torch.empty(0, 0, len(tags["block"]), 0)
+    return Pool(empty, empty, tags)
 
 
 def sink(lm: LoadedModel) -> Pool:
@@ -58,7 +71,7 @@ class FreeMemory(Memory):
 
     pool_size: int  # N: tokens per layer at most
     write_context: int  # pool tokens a chunk is written after
-    dtype: str  # storage dtype of keys and values
+    dtype: str  # storage dtype of keys and values in RAM
     pool: Pool  # (L, Hkv, n, hd) with TAGS; keys empty when loaded as an index only
     sources: list[dict] = field(default_factory=list)  # id = index
     blocks: list[str] = field(default_factory=list)  # committed block ids; tag "block" indexes it
@@ -69,8 +82,11 @@ class FreeMemory(Memory):
     updates: list[dict] = field(default_factory=list)  # updates since the last commit
     dropped: int = 0  # tokens dropped since the last commit
     keep_blocks: bool = True  # False for memories that are never stored (evaluation): no pending copies
-    has_states: bool = True  # False when loaded as an index only (status, diff, forget, reading within a budget)
+    has_states: bool = True  # False while only the pool's index is held (loaded as one, or after a write)
     carried: dict[str, list[int]] = field(default_factory=dict)  # block id -> [source, chunk] a later revision kept
+    ram_blocks: dict[int, dict] = field(default_factory=dict, repr=False)  # tag -> keys, values (T, L, Hkv, hd)
+    block_format: str = "float16"  # how new blocks store keys and values (codec.FORMATS)
+    scratch_tag: int = -(1 << 40)  # the next block tag of a memory that keeps no pending blocks
     lm: LoadedModel | None = None
     library: BlockSource | None = None
 
@@ -78,7 +94,7 @@ class FreeMemory(Memory):
 
     @classmethod
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
-               dtype: str | None = None, seed: int | None = None) -> FreeMemory:
+               dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> FreeMemory:
         engine = lm.engine
         window = engine.max_positions - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
         pool_size = pool_size if pool_size is not None else min(DEFAULT_POOL_SIZE, window)
@@ -89,12 +105,14 @@ class FreeMemory(Memory):
                 hint=f"choose a pool_size between {CHUNK_TOKENS} and {window}",
             )
         if write_context is None:
-            write_context = pool_size
+            write_context = min(DEFAULT_WRITE_CONTEXT, pool_size)
         if write_context < 0:
             raise ModelError(f"write_context must be >= 0, got {write_context}")
         dtype = dtype or ("float16" if engine.dtype == torch.float32 else str(engine.dtype).removeprefix("torch."))
         pool = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, DTYPES[dtype], TAGS)
         memory = cls(pool_size, write_context, dtype, pool, lm=lm)
+        memory.block_format = block_format or codec.DEFAULT_FORMAT
+        codec.spec(memory.block_format)  # refuses an unknown format
         if seed is not None:
             memory.seed = seed
         return memory
@@ -106,12 +124,13 @@ class FreeMemory(Memory):
             raise StoreError(f"version {version[:12]} has an unknown dtype {meta.get('dtype')!r}")
         try:
             tags = {name: tensors[name].to(torch.int64) for name in ("block", "row", "source", "chunk")}
-            empty = torch.empty(0, 0, len(tags["block"]), 0)
             memory = cls(
-                meta["pool_size"], meta["write_context"], meta["dtype"], Pool(empty, empty, tags), meta["sources"],
+                meta["pool_size"], meta["write_context"], meta["dtype"], index_pool(tags), meta["sources"],
                 meta["blocks"], meta["seed"], meta["update_count"], version, has_states=False, lm=lm, library=library,
                 carried={k: list(v) for k, v in meta.get("carried", {}).items()},
+                block_format=meta.get("block_format", "float16"),
             )
+            codec.spec(memory.block_format)
         except (KeyError, ValueError, TypeError) as err:
             raise StoreError(f"version {version[:12]} is damaged: {err}") from None
         if states:
@@ -119,29 +138,71 @@ class FreeMemory(Memory):
         return memory
 
     def load_states(self) -> None:
-        """Gather the pool's keys and values from its blocks, reading only the rows it holds."""
+        """Gather the whole pool's keys and values from its blocks (to read it whole)."""
         if self.has_states:
             return
+        keys, values = self._gather(torch.arange(len(self.pool)))
+        self.pool, self.has_states = Pool(keys.contiguous(), values.contiguous(), self.pool.tags), True
+
+    def _gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (L, Hkv, len, hd) of the pool tokens at `positions`, in that order,
+        from the blocks in RAM or else through the library, reading only those rows."""
+        engine = self.lm.engine
         tags = self.pool.tags
-        block, row = tags["block"], tags["row"]
-        if len(block) == 0:
-            engine = self.lm.engine
-            empty = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, DTYPES[self.dtype])
-            self.pool, self.has_states = Pool(empty.keys, empty.values, tags), True
-            return
-        keys = values = None
+        block, row = tags["block"][positions], tags["row"][positions]
+        shape = (len(positions), engine.layers, engine.kv_heads, engine.head_dim)
+        keys = torch.empty(shape, dtype=DTYPES[self.dtype])  # (len, L, Hkv, hd)
+        values = torch.empty_like(keys)
         for b in block.unique().tolist():
-            positions = torch.nonzero(block == b).flatten()
-            positions = positions[torch.argsort(row[positions])]
-            got = self.library.read_block_rows(self.blocks[b], row[positions].tolist(), ("keys", "values"))
-            if keys is None:
-                keys = torch.empty(len(block), *got["keys"].shape[1:], dtype=got["keys"].dtype)  # (n, L, Hkv, hd)
-                values = torch.empty_like(keys)
-            keys[positions] = got["keys"]
-            values[positions] = got["values"]
-        # (L, Hkv, n, hd)
-        self.pool = Pool(keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous(), tags)
-        self.has_states = True
+            where = torch.nonzero(block == b).flatten()
+            where = where[torch.argsort(row[where])]
+            rows = row[where]
+            if b in self.ram_blocks:
+                entry = self.ram_blocks[b]
+                at = rows if "rows" not in entry else torch.searchsorted(entry["rows"], rows)
+                got = {name: entry[name][at] for name in ("keys", "values")}
+            elif b >= 0 and self.library is not None:
+                got = self._stored_rows(self.blocks[b], rows)
+            else:
+                raise StoreError(f"the pool holds tokens of block {b}, which is neither in RAM nor stored")
+            keys[where] = got["keys"].to(keys.dtype)
+            values[where] = got["values"].to(keys.dtype)
+        return keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3)  # (L, Hkv, len, hd)
+
+    def _stored_rows(self, digest: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of a stored block's keys and values: float16 blocks read only those rows,
+        quantized ones are decoded whole (their key scales span groups of rows)."""
+        found = codec.of(self.library.block_meta(digest))
+        if found is None:
+            return self.library.read_block_rows(digest, rows.tolist(), ("keys", "values"))
+        tensors = self.library.read_block_rows(digest, None, codec.names(found))
+        tokens = tensors["values.codes"].shape[0]
+        engine = self.lm.engine
+        states = codec.decode(tensors, found, tokens, (engine.layers, engine.kv_heads, engine.head_dim))
+        return {name: t[rows] for name, t in states.items()}
+
+    def _trim_ram(self) -> None:
+        """Keep in RAM only the rows the pool still holds, so RAM stays about the pool's size:
+        a block the pool holds none of leaves, one it holds under half of keeps those rows."""
+        block, row = self.pool.tags["block"], self.pool.tags["row"]
+        held, counts = block.unique(return_counts=True)
+        counts = dict(zip(held.tolist(), counts.tolist(), strict=True))
+        for b in list(self.ram_blocks):
+            entry = self.ram_blocks[b]
+            if b not in counts:
+                del self.ram_blocks[b]
+            elif counts[b] * 2 < len(entry["keys"]):
+                rows = row[block == b].sort().values
+                at = rows if "rows" not in entry else torch.searchsorted(entry["rows"], rows)
+                self.ram_blocks[b] = {"rows": rows, "keys": entry["keys"][at], "values": entry["values"][at]}
+
+    def recent(self, count: int) -> Pool:
+        """The last `count` pool tokens with their keys and values (the write context)."""
+        if self.has_states:
+            return self.pool.tail(count)
+        positions = torch.arange(max(0, len(self.pool) - count), len(self.pool))
+        keys, values = self._gather(positions)
+        return Pool(keys, values)
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -150,37 +211,67 @@ class FreeMemory(Memory):
 
     def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update: encode the chunk after sink + recent memory, drop overflow, append."""
-        self.load_states()
         engine = self.lm.engine
-        context = sink(self.lm) + self.pool.tail(self.write_context)  # (L, Hkv, s + w, hd)
+        context = sink(self.lm) + self.recent(self.write_context)  # (L, Hkv, s + w, hd)
         new = engine.encode(torch.tensor(ids, dtype=torch.int64), context).to(DTYPES[self.dtype])  # (L, Hkv, T, hd)
         count = len(ids)
-        new.tags = {
+        if self.keep_blocks:
+            tag = -1 - len(self.pending)
+        else:
+            tag, self.scratch_tag = self.scratch_tag, self.scratch_tag - 1
+        tags = {
             "source": torch.full((count,), source, dtype=torch.int64),
             "chunk": torch.full((count,), chunk, dtype=torch.int64),
             "row": torch.arange(count, dtype=torch.int64),
-            "block": torch.full((count,), -1 - len(self.pending), dtype=torch.int64),
+            "block": torch.full((count,), tag, dtype=torch.int64),
         }
         seed = self.next_seed()
         overflow = max(0, len(self.pool) + count - self.pool_size)
+        kept = drop_uniform(len(self.pool), overflow, seed) if overflow else torch.arange(len(self.pool))
+        self.pool = index_pool({name: torch.cat([t[kept], tags[name]]) for name, t in self.pool.tags.items()})
+        self.has_states = False
+        keys, values = new.keys.permute(2, 0, 1, 3), new.values.permute(2, 0, 1, 3)  # (T, L, Hkv, hd)
+        found = codec.block_codec(self.block_format, values)
+        stored = codec.encode(keys, values, found)
+        # RAM holds what the block will read back as, so a memory continues alike in any process
+        shape = (engine.layers, engine.kv_heads, engine.head_dim)
+        self.ram_blocks[tag] = codec.decode(stored, found, count, shape) if found else stored
         if overflow:
-            self.pool = self.pool.select(drop_uniform(len(self.pool), overflow, seed))  # (L, Hkv, N - T, hd)
-        self.pool = self.pool + new  # (L, Hkv, <= N, hd)
+            self._trim_ram()
         if self.keep_blocks:
-            states = {"keys": new.keys.permute(2, 0, 1, 3), "values": new.values.permute(2, 0, 1, 3),  # (T, L, Hkv, hd)
-                      "ids": torch.tensor(ids, dtype=torch.int32)}  # (T,): the text, for retrieval and excerpts
-            self.pending.append((states, self.block_meta(source, chunk, span, count)))
+            meta = self.block_meta(source, chunk, span, count)
+            # the ids keep the text, for retrieval and excerpts
+            self.pending.append(({**stored, "ids": torch.tensor(ids, dtype=torch.int32)},
+                                 {**meta, "codec": found} if found else meta))
         return self.log_update(source, chunk, count, overflow, seed)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "block_format": self.block_format}
+
+    def use_block_format(self, name: str) -> None:
+        codec.spec(name)
+        self.block_format = name
 
     def settle(self, written: list[str]) -> None:
         block = self.pool.tags["block"]
         for k, digest in enumerate(written):
             block[block == -1 - k] = len(self.blocks)
+            if -1 - k in self.ram_blocks:
+                self.ram_blocks[len(self.blocks)] = self.ram_blocks.pop(-1 - k)
             self.blocks.append(digest)
         self.pending.clear()
 
     def _forked(self) -> dict:
-        return {"carried": dict(self.carried)}
+        """The fork keeps no pending blocks: the pool's tokens of this memory's pending blocks
+        get tags of their own, so that blocks the fork writes can never be mistaken for them."""
+        ram, block, tag = dict(self.ram_blocks), self.pool.tags["block"].clone(), self.scratch_tag
+        for k in range(len(self.pending)):
+            block[block == -1 - k] = tag
+            if -1 - k in ram:
+                ram[tag] = ram.pop(-1 - k)
+            tag -= 1
+        pool = Pool(self.pool.keys, self.pool.values, {**self.pool.tags, "block": block})
+        return {"carried": dict(self.carried), "ram_blocks": ram, "scratch_tag": tag, "pool": pool}
 
     def owner(self, digest: str, meta: dict, live: dict[str, int]) -> tuple[int | None, int]:
         """The document a stored block belongs to now, and its chunk index there: the revision
@@ -232,7 +323,8 @@ class FreeMemory(Memory):
         tags = self.pool.tags
         tensors = {name: tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
         carried = {"carried": self.carried} if self.carried else {}
-        return tensors, {**self.ledger_meta(op, message, len(self)), **carried, **extra}
+        return tensors, {**self.ledger_meta(op, message, len(self)), "block_format": self.block_format, **carried,
+                         **extra}
 
     def prepare_reads(self) -> None:
         """Build the recall index now, so the next ask finds it ready."""
@@ -351,8 +443,10 @@ class FreeMemory(Memory):
 
     def stored_form(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The pool as one block's tensors and one version's tensors (for disk estimates)."""
+        self.load_states()
         pool = self.pool
-        block = {"keys": pool.keys.permute(2, 0, 1, 3), "values": pool.values.permute(2, 0, 1, 3)}
+        keys, values = pool.keys.permute(2, 0, 1, 3), pool.values.permute(2, 0, 1, 3)  # (n, L, Hkv, hd)
+        block = codec.encode(keys.contiguous(), values.contiguous(), codec.block_codec(self.block_format, values))
         return block, {name: pool.tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
 
     @classmethod

@@ -25,6 +25,7 @@ import torch
 from ..errors import StoreError
 from ..model.pool import Pool
 from ..text.bm25 import bm25_index, bm25_scores
+from . import codec
 from .base import BlockSource
 
 
@@ -37,9 +38,10 @@ class Candidate:
     source: int  # index into the memory's sources
     chunk: int
     tokens: int
-    load: Callable[[], dict]  # -> {"keys", "values"}: (T, L, Hkv, hd) token-major
+    load: Callable[[], dict]  # -> {"keys", "values"}: (T, L, Hkv, hd) token-major, decoded
     read_ids: Callable[[], list[int]]
     score: float = 0.0
+    codec: dict | None = None  # how the block stores its keys and values (codec.py); None: float16
     _ids: list[int] | None = field(default=None, repr=False)
 
     @property
@@ -69,8 +71,22 @@ def index(memory, tokenizer) -> Index:
         if source is None or memory.sources[source].get("forgotten") or "ids" not in states:
             continue
         found.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
-                               len(states["ids"]), lambda s=states: s, lambda s=states: s["ids"].tolist()))
+                               len(states["ids"]), _decoder(lambda s=states: s, codec.of(meta), memory),
+                               lambda s=states: s["ids"].tolist()))
     return Index(found, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
+
+
+def _decoder(load: Callable[[], dict], found: dict | None, memory) -> Callable[[], dict]:
+    """`load` returning keys and values decoded from the block's codec."""
+    if found is None:
+        return load
+
+    def decoded() -> dict:
+        tensors = load()
+        engine = memory.lm.engine
+        return codec.decode(tensors, found, tensors["values.codes"].shape[0],
+                            (engine.layers, engine.kv_heads, engine.head_dim))
+    return decoded
 
 
 def _stored(memory, library: BlockSource, tokenizer) -> Index:
@@ -84,8 +100,8 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
 
     key = f"recall-{memory.head}-{len(library.blocks())}"
 
-    def loader(digest: str):
-        return lambda: library.read_block_checked(digest, ("keys", "values"))
+    def loader(digest: str, found: dict | None):
+        return _decoder(lambda: library.read_block_checked(digest, codec.names(found)), found, memory)
 
     def ids_of(digest: str):
         return lambda: library.read_block_ids(digest) or []
@@ -95,8 +111,9 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
         try:
             rows = json.loads((folder / "candidates.json").read_text())
             retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if rows else None
-            return Index([Candidate(r["block"], r["update"], r["source"], r["chunk"], r["tokens"], loader(r["block"]),
-                                    ids_of(r["block"])) for r in rows], retriever)
+            return Index([Candidate(r["block"], r["update"], r["source"], r["chunk"], r["tokens"],
+                                    loader(r["block"], r.get("codec")), ids_of(r["block"]), codec=r.get("codec"))
+                          for r in rows], retriever)
         except (OSError, ValueError, KeyError):
             library.drop_cache(key)  # a damaged cache is rebuilt below
     live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
@@ -111,16 +128,16 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
         ids = library.read_block_ids(digest) if source is not None else None
         if source is None or ids is None:
             continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
-        found.append(Candidate(digest, meta.get("update", 0), source, chunk, len(ids), loader(digest),
-                               ids_of(digest)))
+        found.append(Candidate(digest, meta.get("update", 0), source, chunk, len(ids), loader(digest, codec.of(meta)),
+                               ids_of(digest), codec=codec.of(meta)))
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     retriever = bm25_index(texts)
 
     def fill(tmp: Path) -> None:
         if retriever is not None:
             retriever.save(str(tmp), show_progress=False)
-        rows = [{"block": c.block, "update": c.update, "source": c.source, "chunk": c.chunk, "tokens": c.tokens}
-                for c in found]
+        rows = [{"block": c.block, "update": c.update, "source": c.source, "chunk": c.chunk, "tokens": c.tokens,
+                 **({"codec": c.codec} if c.codec else {})} for c in found]
         (tmp / "candidates.json").write_text(json.dumps(rows))
 
     library.write_cache(key, fill)

@@ -3,8 +3,10 @@
 KIVI (Liu et al., 2024) found that a KV cache's keys have outlier *channels* and its values
 outlier *tokens*: so keys are quantized per channel (over groups of tokens) and values per
 token (over groups of channels), each group with its own scale and minimum (asymmetric
-uniform quantization). Codes are unsigned 8- or 4-bit integers; 4-bit codes are packed two
-a byte. Everything is a plain tensor, so a quantized block is still one safetensors file.
+uniform quantization). Codes are unsigned 8- or 4-bit integers, kept token-major like the
+block (4-bit codes packed two a byte along the channels), so a block's rows can still be
+sliced and nothing is padded: the last group of tokens may be shorter than the others.
+Everything is a plain tensor, so a quantized block is still one safetensors file.
 
 Shapes follow blocks: token-major (T, L, Hkv, hd).
 """
@@ -17,21 +19,22 @@ BITS = (8, 4)
 
 
 def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> dict[str, torch.Tensor]:
-    """Codes, scales and minimums of `x` (T, L, Hkv, hd): per channel over groups of `group`
-    tokens (`axis="tokens"`, keys), or per token over groups of `group` channels
-    (`axis="channels"`, values)."""
+    """Codes (T, L, Hkv, hd or hd/2), scales and minimums of `x` (T, L, Hkv, hd): per
+    channel over groups of `group` tokens (`axis="tokens"`, keys: scales (G, L, Hkv, hd)),
+    or per token over groups of `group` channels of a layer (`axis="channels"`, values:
+    scales (T, L, Hkv*hd/group); a group may span heads)."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    t, layers, heads, hd = x.shape
-    grouped = _groups(x.float(), group, axis)  # (..., groups, group) with the grouped axis last
-    low = grouped.amin(dim=-1, keepdim=True)
-    high = grouped.amax(dim=-1, keepdim=True)
+    x = x.float()
+    low, high = _group_range(x, group, axis)
     levels = (1 << bits) - 1
-    scale = ((high - low) / levels).clamp_min(1e-8)
-    codes = torch.round((grouped - low) / scale).clamp_(0, levels).to(torch.uint8)
+    scale = ((high - low) / levels).clamp_min(1e-8).to(torch.float16)
+    low = low.to(torch.float16)
+    per_scale, per_low = _expand(scale, group, axis, x.shape), _expand(low, group, axis, x.shape)
+    codes = torch.round((x - per_low) / per_scale).clamp_(0, levels).to(torch.uint8)  # (T, L, Hkv, hd)
     if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return {"codes": codes, "scale": scale.to(torch.float16), "min": low.to(torch.float16)}
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (T, L, Hkv, hd/2)
+    return {"codes": codes, "scale": scale, "min": low}
 
 
 def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, shape: tuple[int, ...],
@@ -39,31 +42,34 @@ def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, sha
     """The tensor `quantize` was given, to within half a quantization step per element."""
     codes = q["codes"]
     if bits == 4:
-        low_nibble, high_nibble = codes & 0x0F, codes >> 4
-        codes = torch.stack((low_nibble, high_nibble), dim=-1).flatten(-2)
-    grouped = codes.float() * q["scale"].float() + q["min"].float()
-    return _ungroup(grouped, group, axis, shape).to(dtype)
+        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)  # (T, L, Hkv, hd)
+    scale, low = _expand(q["scale"], group, axis, shape), _expand(q["min"], group, axis, shape)
+    return (codes.float() * scale + low).to(dtype)
 
 
-def _groups(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
+def _group_range(x: torch.Tensor, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor]:
     t, layers, heads, hd = x.shape
-    if axis == "tokens":  # per channel: groups of tokens, padded with the last token
-        pad = (-t) % group
+    if axis == "tokens":
+        pad = (-t) % group  # the last token repeated: it changes no minimum or maximum
         if pad:
             x = torch.cat((x, x[-1:].expand(pad, layers, heads, hd)))
-        return x.reshape(-1, group, layers, heads, hd).permute(0, 2, 3, 4, 1)  # (G, L, Hkv, hd, group)
-    if axis == "channels":  # per token: groups of channels
-        if hd % group:
-            raise ValueError(f"the head dim {hd} is not a multiple of the group {group}")
-        return x.reshape(t, layers, heads, hd // group, group)
+        grouped = x.reshape(-1, group, layers, heads, hd)  # (G, group, L, Hkv, hd)
+        return grouped.amin(dim=1), grouped.amax(dim=1)  # (G, L, Hkv, hd)
+    if axis == "channels":
+        if (heads * hd) % group:
+            raise ValueError(f"a layer's {heads * hd} channels are not a multiple of the group {group}")
+        grouped = x.reshape(t, layers, heads * hd // group, group)
+        return grouped.amin(dim=-1), grouped.amax(dim=-1)  # (T, L, groups)
     raise ValueError(f"axis must be 'tokens' or 'channels', got {axis!r}")
 
 
-def _ungroup(grouped: torch.Tensor, group: int, axis: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _expand(stat: torch.Tensor, group: int, axis: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A group statistic repeated over its group: (T, L, Hkv, hd), float32."""
     t, layers, heads, hd = shape
+    stat = stat.float()
     if axis == "tokens":
-        return grouped.permute(0, 4, 1, 2, 3).reshape(-1, layers, heads, hd)[:t]
-    return grouped.reshape(t, layers, heads, hd)
+        return stat.repeat_interleave(group, dim=0)[:t]
+    return stat.repeat_interleave(group, dim=-1).reshape(t, layers, heads, hd)
 
 
 def stored_bytes(q: dict[str, torch.Tensor]) -> int:

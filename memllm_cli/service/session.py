@@ -300,6 +300,8 @@ class Session:
             mem = self.load() if info else None
             if mem is not None:
                 self.check_head(mem)
+                if self.settings.block_format:
+                    mem.use_block_format(self.settings.block_format)  # for the blocks written from now on
             if mem is None:
                 mem = self.kind().create_for(lm, self.settings)
                 mem.library = self.repo
@@ -462,7 +464,8 @@ class Session:
             "dropped": mem.dropped_total() if mem else 0,
             "unit": kind.unit,
             "dtype": info.get("dtype"),
-            "write_context": info.get("write_context"),
+            "write_context": mem.write_context if mem else info.get("write_context"),
+            "block_format": mem.block_format if mem else info.get("block_format"),
             "disk_bytes": self.repo.disk_bytes(),
             "created": info.get("created"),
             "sources": mem.source_counts() if mem else [],

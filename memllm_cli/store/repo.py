@@ -429,7 +429,8 @@ class Repo:
                 elif kind == "blocks":
                     try:
                         with safe_open(path, framework="pt") as f:
-                            rows = next(k for k in ("keys", "rows", *f.keys()) if k in f.keys())  # not "ids"
+                            # tokens: the first axis of keys (float16), of codes (compact) or of rows (trained)
+                            rows = next(k for k in ("keys", "values.codes", "rows", *f.keys()) if k in f.keys())
                             good_blocks[digest] = f.get_slice(rows).get_shape()[0]
                     except (OSError, SafetensorError) as err:
                         report.damaged.append(f"block {digest[:12]}: unreadable: {err}")

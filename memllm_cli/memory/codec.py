@@ -1,0 +1,88 @@
+"""How a block stores its keys and values: float16, or quantized (compact blocks).
+
+A block's metadata names its codec (`"codec": {"bits", "key_group", "value_group"}`); a
+block without one is float16, as every block written before compact blocks is, so a memory
+may mix formats and old memories read as they always did. Quantized blocks hold KIVI-style
+codes (model/quant.py): keys per channel over groups of `key_group` tokens, values per token
+over groups of `value_group` channels of a layer.
+
+    tensors of a float16 block:   keys, values (T, L, Hkv, hd) in the memory's dtype, ids (T,)
+    tensors of a quantized block: keys.codes, keys.scale, keys.min, values.codes,
+                                  values.scale, values.min, ids
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.quant import dequantize, quantize
+
+# The formats a memory can choose (`block_format`); the groups are fixed when a block is
+# written and recorded in it, so changing them here never changes how old blocks read.
+FORMATS: dict[str, dict | None] = {
+    "float16": None,
+    "int8": {"bits": 8, "key_group": 128, "value_group": 64},
+    "int4": {"bits": 4, "key_group": 128, "value_group": 64},
+}
+DEFAULT_FORMAT = "float16"  # see docs/design.md, "Compact blocks"
+PARTS = ("codes", "scale", "min")
+
+
+def spec(name: str) -> dict | None:
+    if name not in FORMATS:
+        raise ValueError(f"unknown block format {name!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def of(meta: dict) -> dict | None:
+    """The codec a block's metadata records (None: float16)."""
+    codec = meta.get("codec")
+    return codec if isinstance(codec, dict) else None
+
+
+def names(codec: dict | None) -> tuple[str, ...]:
+    """The tensors holding a block's keys and values."""
+    if codec is None:
+        return ("keys", "values")
+    return tuple(f"{kv}.{part}" for kv in ("keys", "values") for part in PARTS)
+
+
+def encode(keys: torch.Tensor, values: torch.Tensor, codec: dict | None) -> dict[str, torch.Tensor]:
+    """The block tensors for keys and values (T, L, Hkv, hd)."""
+    if codec is None:
+        return {"keys": keys, "values": values}  # as the memory holds them (float16, or float32 in evaluations)
+    bits = codec["bits"]
+    out = {}
+    for kv, x, group, axis in (("keys", keys, codec["key_group"], "tokens"),
+                               ("values", values, _value_group(codec, values), "channels")):
+        out.update({f"{kv}.{part}": t for part, t in quantize(x, bits, group, axis).items()})
+    return out
+
+
+def decode(tensors: dict[str, torch.Tensor], codec: dict | None, tokens: int,
+           shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Keys and values (T, L, Hkv, hd) from a block's tensors (see `names`); float16 when quantized."""
+    if codec is None:
+        return {"keys": tensors["keys"], "values": tensors["values"]}
+    full = (tokens, *shape)
+    out = {}
+    for kv, group, axis in (("keys", codec["key_group"], "tokens"), ("values", codec["value_group"], "channels")):
+        out[kv] = dequantize({part: tensors[f"{kv}.{part}"] for part in PARTS}, codec["bits"], group, axis, full)
+    return out
+
+
+def block_codec(name: str, values: torch.Tensor) -> dict | None:
+    """The codec recorded in a new block of this format."""
+    return resolved(spec(name), values)
+
+
+def resolved(codec: dict | None, values: torch.Tensor) -> dict | None:
+    """The codec with its value group fitted to these values (T, L, Hkv, hd)."""
+    return None if codec is None else {**codec, "value_group": _value_group(codec, values)}
+
+
+def _value_group(codec: dict, values: torch.Tensor) -> int:
+    """Channels per value scale: the configured group where it divides a layer's channels, else one head."""
+    channels = values.shape[2] * values.shape[3]
+    group = codec["value_group"]
+    return group if group <= channels and channels % group == 0 else values.shape[3]
