@@ -112,3 +112,22 @@ def test_a_fork_never_mistakes_its_blocks_for_the_pending_ones_it_started_from(t
     assert len(kept) < 512  # no drops yet: the fork's pool starts with the original's tokens, unchanged
     assert torch.equal(kept.keys[:, :, :len(start)], start.keys)
     assert torch.equal(memory.context().keys, start.keys)
+
+
+def test_a_quantized_memory_survives_export_import_and_damage_is_found(tiny_dir, tmp_path):
+    service = with_format(tiny_dir, "int4")
+    service.ingest_documents([Document.of("a.txt", NOTE * 4), Document.of("b.txt", "The shed code is 9021. " * 5)])
+    before = service.ask("What is the shed code?", max_new_tokens=5)
+    "".join(before)
+    service.export(tmp_path / "m.tar")
+    copy = with_format(tiny_dir, None, memory="copy")
+    copy.import_(tmp_path / "m.tar")
+    after = copy.ask("What is the shed code?", max_new_tokens=5)
+    "".join(after)
+    assert after.ids == before.ids and copy.verify()["ok"]
+    victim = block_files(copy)[0]
+    data = bytearray(victim.read_bytes())
+    data[-8:] = b"\xff" * 8
+    victim.write_bytes(bytes(data))
+    report = copy.verify()
+    assert not report["ok"] and any(victim.stem[:12] in d for d in report["damaged"])

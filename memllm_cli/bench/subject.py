@@ -110,15 +110,12 @@ class ServiceSubject:
     def stored_memory(self):
         """An empty stored memory in a temporary home (under $MEMLLM_BENCH_DIR if set), with
         this subject's model and settings."""
-        import dataclasses
         import os
         import tempfile
         from pathlib import Path
 
         home = Path(tempfile.mkdtemp(prefix="memllm-bench-", dir=os.environ.get("MEMLLM_BENCH_DIR")))
-        stored = type(self.service)(dataclasses.replace(self.service.settings, home=home, memory="scale"))
-        stored._model = self.service.model()
-        return stored
+        return self.service.elsewhere(home, "scale")
 
     def ingest(self, stored, notes: list[tuple[str, str]]) -> int:
         from ..text.sources import Document

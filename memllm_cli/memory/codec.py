@@ -24,7 +24,7 @@ FORMATS: dict[str, dict | None] = {
     "int8": {"bits": 8, "key_group": 128, "value_group": 64},
     "int4": {"bits": 4, "key_group": 128, "value_group": 64},
 }
-DEFAULT_FORMAT = "float16"  # see docs/design.md, "Compact blocks"
+DEFAULT_FORMAT = "int4"  # see docs/design.md, "Compact blocks"
 PARTS = ("codes", "scale", "min")
 
 

@@ -33,6 +33,13 @@ class Evaluation(Session):
         mem.archive_in_ram(keep_blocks)
         return mem
 
+    def elsewhere(self, home: Path, memory: str) -> Evaluation:
+        """A service on another home's memory with this one's settings and loaded model
+        (benchmarks that build a stored memory of their own)."""
+        other = type(self)(dataclasses.replace(self.settings, home=home, memory=memory))
+        other._model = self.model()
+        return other
+
     def stored_copy(self, name: str) -> Memory:
         """HEAD of another stored memory, in RAM, to start evaluations from (never changed)."""
         other = Evaluation(dataclasses.replace(self.settings, memory=name))
