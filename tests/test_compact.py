@@ -131,3 +131,18 @@ def test_a_quantized_memory_survives_export_import_and_damage_is_found(tiny_dir,
     victim.write_bytes(bytes(data))
     report = copy.verify()
     assert not report["ok"] and any(victim.stem[:12] in d for d in report["damaged"])
+
+
+def test_a_format_2_memory_moves_to_format_3_without_rewriting_a_block(tiny_dir):
+    old = with_format(tiny_dir, "float16")
+    old.ingest_documents([Document.of("a.txt", NOTE * 3)])
+    info_path = old.settings.home / "memories" / "default" / "memory.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "format": 2}))  # as memllm wrote it before compact blocks
+    before = [p.name for p in block_files(old)]
+    again = Memllm(model=str(tiny_dir))
+    answer = again.ask("Who is the garden coordinator?", max_new_tokens=4)
+    "".join(answer)
+    assert json.loads(info_path.read_text())["format"] == 3
+    assert any(e.get("migration") == "0002-block-formats" for e in again.store.open("default").journal())
+    assert [p.name for p in block_files(again)] == before and again.verify()["ok"]  # nothing rewritten

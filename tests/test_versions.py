@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from memllm_cli.errors import InputError, StoreError
 from memllm_cli.service import Memllm
+from memllm_cli.store import FORMAT
 from memllm_cli.text.sources import Document
 
 
@@ -158,7 +159,7 @@ def test_a_format_1_memory_migrates_forward(tiny_dir, isolated_home):
     answer = old.ask("who?", max_new_tokens=5)
     "".join(answer)
     assert answer.ids == expected.ids
-    assert old.store.open("old").info()["format"] == 2 and not (folder / "pool.safetensors").exists()
+    assert old.store.open("old").info()["format"] == FORMAT and not (folder / "pool.safetensors").exists()
     assert [e["op"] for e in old.log()] == ["migrate"]
     assert old.verify()["ok"]
     assert any(e.get("migration") == "0001-pool-file-to-blocks" for e in old.store.open("old").journal())

@@ -39,12 +39,24 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> dict[str, tor
 
 def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, shape: tuple[int, ...],
                dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The tensor `quantize` was given, to within half a quantization step per element."""
+    """The tensor `quantize` was given, to within half a quantization step per element.
+    Scales are broadcast over their groups, never expanded (this runs at every read)."""
+    t, layers, heads, hd = shape
     codes = q["codes"]
     if bits == 4:
         codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)  # (T, L, Hkv, hd)
-    scale, low = _expand(q["scale"], group, axis, shape), _expand(q["min"], group, axis, shape)
-    return (codes.float() * scale + low).to(dtype)
+    x = codes.to(torch.float32)
+    scale, low = q["scale"].float(), q["min"].float()
+    if axis == "tokens":  # scale, low: (G, L, Hkv, hd); the last group may be shorter
+        full = (t // group) * group
+        head = x[:full].view(-1, group, layers, heads, hd)
+        head.mul_(scale[: full // group, None]).add_(low[: full // group, None])
+        if full < t:
+            x[full:].mul_(scale[-1]).add_(low[-1])
+        return x.to(dtype)
+    grouped = x.view(t, layers, heads * hd // group, group)  # scale, low: (T, L, groups)
+    grouped.mul_(scale[..., None]).add_(low[..., None])
+    return x.to(dtype)
 
 
 def _group_range(x: torch.Tensor, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor]:

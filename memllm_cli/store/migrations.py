@@ -2,6 +2,9 @@
 N to N + 1 and runs under the memory's write lock; its name is recorded in the journal.
 
     1 -> 2  one pool file rewritten on every commit -> content-addressed blocks and versions
+    2 -> 3  blocks may store quantized keys and values (compact blocks); every format 2 block
+            is a float16 block of format 3, so nothing is rewritten: the number only makes an
+            older memllm refuse a memory it could not read
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ def pool_file_to_blocks(repo: Repo) -> None:
     repo.remove_legacy_pool()
 
 
-MIGRATIONS = [(1, "0001-pool-file-to-blocks", pool_file_to_blocks)]
+def block_formats(repo: Repo) -> None:
+    repo.set_format({**repo.info(), "format": 3})
+
+
+MIGRATIONS = [(1, "0001-pool-file-to-blocks", pool_file_to_blocks), (2, "0002-block-formats", block_formats)]
 assert [n for n, _, _ in MIGRATIONS] == list(range(1, FORMAT))
 
 

@@ -58,7 +58,7 @@ class DamagedBlock(StoreError):
 
 log = logging.getLogger("memllm")
 
-FORMAT = 2
+FORMAT = 3  # 3: blocks may be quantized (a codec in their metadata); see migrations.py
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 INFO = "memory.json"
