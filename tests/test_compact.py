@@ -67,8 +67,8 @@ def test_a_memory_may_mix_formats(tiny_dir):
     old.ingest_documents([Document.of("a.txt", NOTE * 3)])
     new = with_format(tiny_dir, "int4")  # the setting applies to the blocks written from now on
     new.ingest_documents([Document.of("b.txt", "The bakery opens at seven on Sundays. " * 6)])
-    formats = sorted(str(tensors_and_codec(p)[1] and tensors_and_codec(p)[1]["bits"]) for p in block_files(new))
-    assert formats == ["4", "None"]
+    codecs = [tensors_and_codec(p)[1] for p in block_files(new)]
+    assert sorted(str(c and c["bits"]) for c in codecs) == ["4", "None"]
     assert new.verify()["ok"]
     for budget in (0, 64):
         answer = new.ask("When does the bakery open?", max_new_tokens=4, budget=budget)
