@@ -42,7 +42,7 @@ def round_trip(states: dict, fmt: dict | None) -> tuple[dict, int]:
     found = codec.resolved(fmt, values)
     stored = codec.encode(keys, values, found)
     size = sum(t.numel() * t.element_size() for t in stored.values()) + 4 * len(keys)
-    return codec.decode(stored, found, len(keys), tuple(keys.shape[1:])), size
+    return codec.decode(stored, found), size
 
 
 def main() -> None:

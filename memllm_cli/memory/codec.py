@@ -59,12 +59,12 @@ def encode(keys: torch.Tensor, values: torch.Tensor, codec: dict | None) -> dict
     return out
 
 
-def decode(tensors: dict[str, torch.Tensor], codec: dict | None, tokens: int,
-           shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """Keys and values (T, L, Hkv, hd) from a block's tensors (see `names`); float16 when quantized."""
+def decode(tensors: dict[str, torch.Tensor], codec: dict | None) -> dict[str, torch.Tensor]:
+    """Keys and values (T, L, Hkv, hd) from a block's tensors (see `names`); float16 when quantized.
+    The shape is the block's own: T from the value codes, (L, Hkv, hd) from the key scales."""
     if codec is None:
         return {"keys": tensors["keys"], "values": tensors["values"]}
-    full = (tokens, *shape)
+    full = (tensors["values.codes"].shape[0], *tensors["keys.scale"].shape[1:])
     out = {}
     for kv, group, axis in (("keys", codec["key_group"], "tokens"), ("values", codec["value_group"], "channels")):
         out[kv] = dequantize({part: tensors[f"{kv}.{part}"] for part in PARTS}, codec["bits"], group, axis, full)

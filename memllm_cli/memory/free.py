@@ -175,10 +175,7 @@ class FreeMemory(Memory):
         found = codec.of(self.library.block_meta(digest))
         if found is None:
             return self.library.read_block_rows(digest, rows.tolist(), ("keys", "values"))
-        tensors = self.library.read_block_rows(digest, None, codec.names(found))
-        tokens = tensors["values.codes"].shape[0]
-        engine = self.lm.engine
-        states = codec.decode(tensors, found, tokens, (engine.layers, engine.kv_heads, engine.head_dim))
+        states = codec.decode(self.library.read_block_rows(digest, None, codec.names(found)), found)
         return {name: t[rows] for name, t in states.items()}
 
     def _trim_ram(self) -> None:
@@ -234,8 +231,7 @@ class FreeMemory(Memory):
         found = codec.block_codec(self.block_format, values)
         stored = codec.encode(keys, values, found)
         # RAM holds what the block will read back as, so a memory continues alike in any process
-        shape = (engine.layers, engine.kv_heads, engine.head_dim)
-        self.ram_blocks[tag] = codec.decode(stored, found, count, shape) if found else stored
+        self.ram_blocks[tag] = codec.decode(stored, found)
         if overflow:
             self._trim_ram()
         if self.keep_blocks:

@@ -71,22 +71,14 @@ def index(memory, tokenizer) -> Index:
         if source is None or memory.sources[source].get("forgotten") or "ids" not in states:
             continue
         found.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
-                               len(states["ids"]), _decoder(lambda s=states: s, codec.of(meta), memory),
+                               len(states["ids"]), _decoder(lambda s=states: s, codec.of(meta)),
                                lambda s=states: s["ids"].tolist()))
     return Index(found, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
 
 
-def _decoder(load: Callable[[], dict], found: dict | None, memory) -> Callable[[], dict]:
+def _decoder(load: Callable[[], dict], found: dict | None) -> Callable[[], dict]:
     """`load` returning keys and values decoded from the block's codec."""
-    if found is None:
-        return load
-
-    def decoded() -> dict:
-        tensors = load()
-        engine = memory.lm.engine
-        return codec.decode(tensors, found, tensors["values.codes"].shape[0],
-                            (engine.layers, engine.kv_heads, engine.head_dim))
-    return decoded
+    return load if found is None else lambda: codec.decode(load(), found)
 
 
 def _stored(memory, library: BlockSource, tokenizer) -> Index:
@@ -101,7 +93,7 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     key = f"recall-{memory.head}-{len(library.blocks())}"
 
     def loader(digest: str, found: dict | None):
-        return _decoder(lambda: library.read_block_checked(digest, codec.names(found)), found, memory)
+        return _decoder(lambda: library.read_block_checked(digest, codec.names(found)), found)
 
     def ids_of(digest: str):
         return lambda: library.read_block_ids(digest) or []
