@@ -1,7 +1,7 @@
 """Compact blocks: how answers change when the blocks ask reads are stored quantized.
 
-NQ development passages, each ingested as its own document into one stored memory (fp16
-blocks, as today); each question's blocks (the default read within the budget) are read as
+NQ development passages, each ingested as its own document into one stored memory (float16
+blocks); each question's blocks (the default read within the budget) are read as
 stored, and round-tripped through KIVI-style quantization (memllm_cli/model/quant.py: keys
 per channel over groups of tokens, values per token over groups of channels) at 8 and 4
 bits. Reported per format: correct answers (32 tokens, greedy), the largest absolute
@@ -52,12 +52,14 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = parser.parse_args()
+    formats = {name: FORMATS[name] for name in ["float16", *args.formats]}  # float16 first: the reference
     items = load_items(args.data, range(args.first_row, args.first_row + args.passages))
-    results = {name: {"correct": 0, "max_logit_error": 0.0, "bytes": 0, "tokens": 0} for name in FORMATS}
+    results = {name: {"correct": 0, "max_logit_error": 0.0, "bytes": 0, "tokens": 0} for name in formats}
     with tempfile.TemporaryDirectory() as home:
         os.environ["MEMLLM_HOME"] = home
-        service = Memllm(model=args.model)
+        service = Memllm(model=args.model, block_format="float16")  # what is read is what was computed
         service.ingest_documents([Document.of(f"nq-{it.row}.txt", it.passage) for it in items])
         mem = service.load()
         lm = service.model()
@@ -66,7 +68,7 @@ def main() -> None:
             selected = recall.select(idx, it.question, service.budget())
             ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, it.question))
             reference = None
-            for name, fmt in FORMATS.items():
+            for name, fmt in formats.items():
                 keys, values = [], []
                 for c in selected:
                     states, size = round_trip(c.load(), fmt)

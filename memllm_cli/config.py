@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -45,6 +46,7 @@ class Settings:
     gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
     read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
     gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
+    max_disk: int | None = None  # bytes a memory may take ("1GB" in the file); beyond, old blocks keep only their ids
 
 
 ENVIRONMENT = {"memory": "MEMLLM_MEMORY", "model": "MEMLLM_MODEL", "device": "MEMLLM_DEVICE", "dtype": "MEMLLM_DTYPE"}
@@ -53,6 +55,25 @@ KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("hom
 _NON_NEGATIVE = {"lock_timeout", "write_context", "read_budget", "gc_keep_long_term"}
 _POSITIVE = {"pool_size", "gc_keep_versions"}
 _CHOICES = {"block_format": ("float16", "int8", "int4")}
+_SIZES = {"max_disk"}  # bytes, or a string with a unit: "1GB", "500 MiB"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: object) -> int:
+    """Bytes from 1000000, "1GB", "1.5 GiB" or "500mb" (decimal units, binary with an i);
+    ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not 0 <= text < float("inf"):
+            raise ValueError(f"a size must be >= 0, not {text}")
+        return int(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a size (write it as 500MB, 1GB or 2GiB)")
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (write it as 500MB, 1GB or 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def config_path() -> Path:
@@ -96,6 +117,11 @@ def _read_config(path: Path) -> dict:
 
 def _checked(path: Path, key: str, value):
     """The value, if it has the type of the setting (an int for a float setting is fine)."""
+    if key in _SIZES:
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {key}: {err}") from None
     allowed = typing.get_args(_TYPES[key]) if isinstance(_TYPES[key], types.UnionType) else (_TYPES[key],)
     allowed = tuple(t for t in allowed if t is not type(None))
     ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed) or (

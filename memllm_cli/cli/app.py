@@ -85,11 +85,11 @@ def main(
     _log_to_stderr()
 
 
-def service(ctx: typer.Context):
-    """The service for this invocation's global options."""
+def service(ctx: typer.Context, **options):
+    """The service for this invocation's global options (and a command's own settings)."""
     from ..service import Memllm
 
-    return Memllm(**ctx.obj)
+    return Memllm(**ctx.obj, **options)
 
 
 # -- errors -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .app import app, service
-from .render import emit, err, progress_for, show, size, table
+from .render import disk_size, emit, err, progress_for, show, size, table
 
 bench_app = typer.Typer(
     help="The MemoryLLM paper's measurements on local data, with baselines: retention, speed, integrity.",
@@ -31,15 +31,16 @@ TokensOption = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens g
 
 
 def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, out: Path | None,
-           max_tokens: int, base_memory: str | None = None) -> dict:
+           max_tokens: int, base_memory: str | None = None, **settings) -> dict:
     from .. import bench
 
     dataset = bench.load_data(data, bench.parse_rows(rows))
-    subject = bench.ServiceSubject(service(ctx), max_new_tokens=max_tokens, base_memory=base_memory)
+    subject = bench.ServiceSubject(service(ctx, **settings), max_new_tokens=max_tokens, base_memory=base_memory)
     progress = progress_for(False, False, "steps")
     result = run(bench, subject, dataset, progress)
     result["environment"] = bench.environment(subject)
     result["settings"]["max_new_tokens"] = max_tokens
+    result["settings"].update({k: v for k, v in settings.items() if v is not None})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
@@ -148,6 +149,8 @@ def bench_scale(
     questions: Annotated[int, typer.Option("--questions", min=1, help="Gold questions asked at each size.")] = 40,
     seed: SeedOption = 0,
     max_tokens: TokensOption = 32,
+    max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="The memory's disk budget "
+                                                 "(1GB): evicted blocks are recomputed when read.")] = None,
     as_json: JsonOption = False,
     out: OutOption = None,
 ) -> None:
@@ -164,7 +167,7 @@ def bench_scale(
     chosen = sorted(sizes or [])
     result = _bench(ctx, "scale", lambda bench, subject, dataset, progress: bench.scale(
         subject, dataset, sizes=chosen or bench.DEFAULT_SIZES, questions=questions, seed=seed, progress=progress),
-        data=data, rows=rows, out=out, max_tokens=max_tokens)
+        data=data, rows=rows, out=out, max_tokens=max_tokens, max_disk=disk_size(max_disk))
     emit(result, as_json, lambda: _scale_table(result))
 
 

@@ -15,7 +15,7 @@ import typer
 
 from ..errors import InputError, StoreError, Ungrounded, UsageError
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, service
-from .render import emit, err, interactive, progress_for, safe, show, size, table
+from .render import disk_size, emit, err, interactive, progress_for, safe, show, size, table
 
 
 @app.command()
@@ -29,6 +29,10 @@ def ingest(
     force: Annotated[bool, typer.Option("--force", help="Write documents again even if unchanged.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress: neither the bar on a terminal nor "
                                         "the lines every 30 s in logs.")] = False,
+    max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="Keep the memory within SIZE "
+                                                 "(500MB, 1GB, 2GiB): beyond it the least recently read long-term "
+                                                 "blocks keep only their text and are recomputed when a question "
+                                                 "needs them [config: max_disk; default: no limit].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write text into memory: chunks of at most 512 tokens, one update each. A file is one
@@ -46,8 +50,8 @@ def ingest(
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
     stop = Stop()
     with stop_at_chunk_boundary(stop):
-        report = service(ctx).ingest(paths, stdin=stdin, name=name, force=force, sync=sync, progress=progress,
-                                     stop=stop)
+        report = service(ctx, max_disk=disk_size(max_disk)).ingest(paths, stdin=stdin, name=name, force=force,
+                                                                   sync=sync, progress=progress, stop=stop)
     for skipped in report.skipped:
         err(f"memllm: skipped {safe(skipped['path'])}: {skipped['reason']}")
     for warning in report.warnings:
@@ -64,6 +68,11 @@ def ingest(
             err(f"memllm: resumed {safe(resumed)} where the stopped ingest left it")
         if report.reused:
             err(f"memllm: {report.reused} chunk(s) already in memory kept, not written again")
+        if report.disk and report.disk["evicted_blocks"]:
+            err(f"memllm: {report.disk['evicted_blocks']} least recently read block(s) evicted to keep within "
+                f"max_disk ({size(report.disk['max_disk'])}): their text stays, recomputed when read")
+        if report.disk and report.disk.get("note"):
+            err(f"memllm: warning: {report.disk['note']}")
         print(f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
               f"in {report.seconds:.1f} s; memory {report.memory!r} holds {report.tokens_held}/{report.pool_size} "
               f"{report.unit} ({report.fill:.0%})" + (f", {report.dropped} dropped" if report.dropped else ""))
@@ -191,7 +200,10 @@ def status(
              f"pool {info['tokens']}/{info['pool_size']} {info['unit']} ({info['fill']:.0%} full), "
              f"{info['updates']} updates, {info['dropped']} {info['unit'].split()[0]} dropped, "
              f"{size(info['disk_bytes'])} on disk"
-             + (f", {info['block_format']} blocks" if info.get("block_format") else ""))
+             + (f" (max_disk {size(info['max_disk'])})" if info.get("max_disk") is not None else "")
+             + (f", {info['block_format']} blocks" if info.get("block_format") else "")
+             + (f", {info['evicted_blocks']} blocks evicted (recomputed when read)" if info.get("evicted_blocks")
+                else ""))
         if info["sources"]:
             rows = table("source", "chunks", "tokens written", f"held ({info['unit']})", "held %", "long-term",
                          fold="source")
@@ -485,19 +497,32 @@ def gc(
         typer.Option("--keep-long-term", min=0, help="Keep only the newest N tokens of the long-term tier (what "
                      "the pool dropped, which ask can still read) [config: gc_keep_long_term; default: all]."),
     ] = None,
+    max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="Then evict the least "
+                                                 "recently read long-term blocks until the memory fits SIZE "
+                                                 "[config: max_disk; default: no limit].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete versions no snapshot or HEAD reaches, and blocks no remaining version uses.
+    With --max-disk, then evict blocks to fit it (ask recomputes them when it needs them).
 
     Examples:
       memllm gc --dry-run
       memllm gc --keep-versions 20
       memllm gc --keep-long-term 200000
     """
-    result = service(ctx).gc(dry_run=dry_run, keep_versions=keep_versions, keep_long_term=keep_long_term)
+    result = service(ctx, max_disk=disk_size(max_disk)).gc(dry_run=dry_run, keep_versions=keep_versions,
+                                                           keep_long_term=keep_long_term)
     verb = "would delete" if dry_run else "deleted"
-    emit(result, as_json, lambda: print(f"{verb} {result['versions_deleted']} versions and {result['blocks_deleted']} "
-                                        "blocks" + ("" if dry_run else f", {size(result['bytes_freed'])} freed")))
+    disk = result.get("disk") or {}
+
+    def text() -> None:
+        print(f"{verb} {result['versions_deleted']} versions and {result['blocks_deleted']} blocks"
+              + (f", evicted {disk['evicted_blocks']}" if disk.get("evicted_blocks") else "")
+              + ("" if dry_run else f", {size(result['bytes_freed'])} freed"))
+        if disk.get("note"):
+            err(f"memllm: warning: {disk['note']}")
+
+    emit(result, as_json, text)
 
 
 @app.command("export")

@@ -7,6 +7,9 @@ import json
 import sys
 from collections.abc import Callable
 
+from ..config import parse_size
+from ..errors import UsageError
+
 
 def err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -26,6 +29,16 @@ def size(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count} B"
+
+
+def disk_size(text: str | None) -> int | None:
+    """--max-disk's bytes."""
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--max-disk: {e}") from None
 
 
 def table(*columns: str, title: str | None = None, fold: str | None = None):

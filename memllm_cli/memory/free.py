@@ -68,6 +68,7 @@ class FreeMemory(Memory):
     kind: ClassVar[str] = "training-free"
     unit: ClassVar[str] = "tokens"
     checks_reads: ClassVar[bool] = True  # reading within a budget checks each block it reads (recall.read)
+    recomputes: ClassVar[bool] = True  # an evicted block is written again from its ids when read (max_disk)
 
     pool_size: int  # N: tokens per layer at most
     write_context: int  # pool tokens a chunk is written after
@@ -87,6 +88,7 @@ class FreeMemory(Memory):
     ram_blocks: dict[int, dict] = field(default_factory=dict, repr=False)  # tag -> keys, values (T, L, Hkv, hd)
     block_format: str = "float16"  # how new blocks store keys and values (codec.FORMATS)
     scratch_tag: int = -(1 << 40)  # the next block tag of a memory that keeps no pending blocks
+    max_disk: int | None = None  # bytes: evicted blocks' recomputed keys are cached only within it
     lm: LoadedModel | None = None
     library: BlockSource | None = None
 
@@ -169,9 +171,43 @@ class FreeMemory(Memory):
             values[where] = got["values"].to(keys.dtype)
         return keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3)  # (L, Hkv, len, hd)
 
+    def block_states(self, digest: str, found: dict | None) -> dict[str, torch.Tensor]:
+        """A stored block's keys and values (T, L, Hkv, hd), checked as read (DamagedBlock), or
+        an evicted block's, recomputed (or read from where they were cached)."""
+        library = self.library
+        try:
+            return codec.decode(library.read_block_checked(digest, codec.names(found)), found)
+        except StoreError:
+            if library.has_block(digest) or not library.is_evicted(digest):
+                raise  # damaged, or missing: not evicted (eviction writes what it keeps first)
+        return self._recomputed(digest)
+
+    def _recomputed(self, digest: str) -> dict[str, torch.Tensor]:
+        """An evicted block's keys and values: its tokens written again after the sink alone
+        (the pool they were first written after is not kept), cached within `max_disk`."""
+        cached = self.library.read_recomputed(digest)
+        if cached is not None:
+            tensors, meta = cached
+            found = codec.of(meta)
+            if all(name in tensors for name in codec.names(found)):
+                return codec.decode(tensors, found)
+        ids = self.library.read_block_ids(digest)
+        if not ids:
+            raise StoreError(f"evicted block {digest[:12]} keeps no token ids to recompute it from")
+        new = self.lm.engine.encode(torch.tensor(ids, dtype=torch.int64), sink(self.lm)).to(DTYPES[self.dtype])
+        keys, values = new.keys.permute(2, 0, 1, 3), new.values.permute(2, 0, 1, 3)  # (T, L, Hkv, hd)
+        found = codec.block_codec(self.block_format, values)
+        stored = codec.encode(keys, values, found)
+        if self.max_disk is not None:
+            self.library.write_recomputed(digest, stored, {"codec": found} if found else {}, self.max_disk)
+        return codec.decode(stored, found)
+
     def _stored_rows(self, digest: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of a stored block's keys and values: float16 blocks read only those rows,
-        quantized ones are decoded whole (their key scales span groups of rows)."""
+        quantized ones are decoded whole (their key scales span groups of rows); an evicted
+        block's are recomputed."""
+        if not self.library.has_block(digest) and self.library.is_evicted(digest):
+            return {name: t[rows] for name, t in self._recomputed(digest).items()}
         found = codec.of(self.library.block_meta(digest))
         if found is None:
             return self.library.read_block_rows(digest, rows.tolist(), ("keys", "values"))
@@ -349,6 +385,8 @@ class FreeMemory(Memory):
                                    for c in damaged]
             info["read_tokens"] = sum(c.tokens for c in read)
             info["sources"] = recall.cited(self, read, lm.tokenizer)
+            if self.library is not None:
+                self.library.note_reads([c.block for c in read if not c.block.startswith("pending-")])
         if context is None:
             held = {self.blocks[b] if b >= 0 else f"pending-{-1 - b}"
                     for b in self.pool.tags["block"].unique().tolist()}
@@ -380,7 +418,7 @@ class FreeMemory(Memory):
         by_sha = {s["sha256"]: i for i, s in enumerate(self.sources) if not s.get("forgotten")}
         stored = [0] * len(self.sources)
         for digest in self.blocks:
-            if self.library.has_block(digest):
+            if self.library.has_block(digest) or self.library.is_evicted(digest):
                 meta = self.library.block_meta(digest)
                 i, _ = self.owner(digest, meta, by_sha)
                 if i is not None and not self.sources[i].get("forgotten"):

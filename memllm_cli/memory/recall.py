@@ -9,8 +9,9 @@ and the long-term tier alike, that BM25 ranks highest for the question over the 
 wrote them (each block keeps its token ids), placed after the sink in the order they were
 written, at fresh positions (keys are stored before rotary, see engine.py).
 
-The blocks are read through memory maps, one at a time, so RAM at ask time depends on the
-budget, not on how much was ingested.
+The blocks are read one at a time, so RAM at ask time depends on the budget, not on how
+much was ingested. A block the disk budget evicted (`max_disk`) kept its token ids: its keys
+and values are recomputed when a question selects it (FreeMemory.block_states).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     key = f"recall-{memory.head}-{len(library.blocks())}"
 
     def loader(digest: str, found: dict | None):
-        return _decoder(lambda: library.read_block_checked(digest, codec.names(found)), found)
+        return lambda: memory.block_states(digest, found)
 
     def ids_of(digest: str):
         return lambda: library.read_block_ids(digest) or []
@@ -111,7 +112,7 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
     found, texts = [], []
     for digest in memory.blocks:
-        if digest.startswith("@") or not library.has_block(digest):
+        if digest.startswith("@") or not (library.has_block(digest) or library.is_evicted(digest)):
             continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
         meta = library.block_meta(digest)
         source, chunk = memory.owner(digest, meta, live)

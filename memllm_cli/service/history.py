@@ -299,7 +299,7 @@ class History(Session):
             for v in reversed(chain):
                 done.add(v)
                 order.append(v)
-        purged_blocks = {b for b in repo.blocks() if repo.block_meta(b).get("source_sha256") in shas}
+        purged_blocks = {b for b in repo.blocks() + repo.evicted() if repo.block_meta(b).get("source_sha256") in shas}
         mapping: dict[str, str] = {}
         for v in order:
             tensors, meta = repo.read_version(v)
@@ -344,14 +344,15 @@ class History(Session):
                 "head": self.repo.head() if report.ok else None}
 
     def gc(self, *, dry_run: bool = False, keep_versions: int | None = None,
-           keep_long_term: int | None = None) -> dict:
+           keep_long_term: int | None = None, fit: bool = True) -> dict:
         """Delete versions no ref reaches and blocks no kept version uses. With `keep_versions`
         (default: the config's gc_keep_versions, else all), keep only HEAD's and each
         snapshot's nearest that many versions of history. With `keep_long_term` (tokens;
         default: the config's gc_keep_long_term, else all), also delete the oldest blocks of
         the long-term tier (blocks none of whose tokens is in a kept version's pool) beyond
         that many tokens: this bounds the disk a memory takes, at the cost of what ask can
-        still find."""
+        still find. Then, with max_disk set (and `fit`), evict blocks until the memory fits it
+        (service/space.py): what ask finds stays, recomputed when read."""
         repo = self.repo
         keep_versions = keep_versions or self.settings.gc_keep_versions
         keep_long_term = keep_long_term if keep_long_term is not None else self.settings.gc_keep_long_term
@@ -364,7 +365,7 @@ class History(Session):
             keep = repo.reachable(keep_versions)
             versions = [v for v in repo.versions() if v not in keep]
             used = {b for v in keep for b in repo.version_meta(v).get("blocks", [])}
-            blocks = [b for b in repo.blocks() if b not in used]
+            blocks = [b for b in dict.fromkeys(repo.blocks() + repo.evicted()) if b not in used]
             long_term = self._long_term_beyond(keep, keep_long_term) if keep_long_term is not None else []
             freed = 0
             if not dry_run:
@@ -374,8 +375,12 @@ class History(Session):
                 repo.log_operation({"time": now(), "op": "gc", "versions": len(versions),
                                     "blocks": len(blocks) + len(long_term), "bytes": freed,
                                     "pruned": versions, "pruned_blocks": long_term})
+            disk = self.fit_disk() if fit and not dry_run else None
+            if disk is not None:
+                freed += disk["bytes_freed"]
         return {"versions_deleted": len(versions), "blocks_deleted": len(blocks) + len(long_term),
-                "long_term_blocks_deleted": len(long_term), "bytes_freed": freed, "dry_run": dry_run}
+                "long_term_blocks_deleted": len(long_term), "bytes_freed": freed, "dry_run": dry_run,
+                **({"disk": disk} if disk is not None else {})}
 
     def _long_term_beyond(self, keep: set[str], tokens: int) -> list[str]:
         """Blocks only the long-term tier holds, oldest first, past the newest `tokens` tokens."""
@@ -386,7 +391,8 @@ class History(Session):
             tensors, meta = repo.read_version(version)
             in_pool |= memory.for_version(meta).held_blocks(tensors, meta)
             listed += [b for b in meta.get("blocks", []) if b not in listed]
-        tier = [b for b in listed if b not in in_pool and not b.startswith("@") and repo.has_block(b)]
+        tier = [b for b in listed if b not in in_pool and not b.startswith("@") and
+                (repo.has_block(b) or repo.is_evicted(b))]
         tier.sort(key=lambda b: -int(repo.block_meta(b).get("update", 0)))  # newest first
         kept, out = 0, []
         for block in tier:

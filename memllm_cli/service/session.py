@@ -26,6 +26,7 @@ from ..store import FORMAT, Store
 from ..store.migrations import migrate
 from ..text.chunking import Chunk, chunk_document
 from ..text.sources import Collected, Document, collect
+from . import space
 
 log = logging.getLogger("memllm")
 
@@ -53,6 +54,7 @@ class IngestReport:
     warnings: list[str] = field(default_factory=list)
     unit: str = "tokens"  # of tokens_held and pool_size; "rows per layer" for MemoryLLM checkpoints
     interrupted: str | None = None  # the signal that stopped it at a chunk boundary ("SIGINT", "SIGTERM")
+    disk: dict | None = None  # with max_disk: what fitting the memory into it did (service/space.py)
 
     @property
     def fill(self) -> float:
@@ -201,6 +203,12 @@ class Session:
             info = self.repo.info()
         return info
 
+    def fit_disk(self) -> dict | None:
+        """Evict blocks until the memory fits max_disk (when set); hold the lock."""
+        if self.settings.max_disk is None:
+            return None
+        return space.fit(self.repo, self.settings.max_disk)
+
     def load(self, version: str | None = None, *, states: bool = False, model: bool = True) -> Memory | None:
         """A stored version (default HEAD) in RAM, None if the memory has no version yet.
         Keys and values are read when first needed (or now, with `states`); without
@@ -213,7 +221,10 @@ class Session:
             return None
         tensors, meta = self.repo.read_version(version)
         lm = self.model(self.repo.info()) if model or states else None
-        return memory.for_version(meta).load(version, tensors, meta, lm, self.repo, states=states)
+        mem = memory.for_version(meta).load(version, tensors, meta, lm, self.repo, states=states)
+        if mem.recomputes:
+            mem.max_disk = self.settings.max_disk  # caps the cache of recomputed blocks
+        return mem
 
     def check_head(self, mem: Memory, done: str = "nothing was written") -> None:
         """Refuse to build on (or read) a pool whose blocks are damaged: a commit would carry
@@ -331,6 +342,7 @@ class Session:
             if mem.updates or gone or report.updated or report.reused:
                 stopped = f" (stopped by {stop.requested})" if stop.requested else ""
                 self._commit(mem, "ingest", _ingest_message(mem, report) + stopped)
+                report.disk = self.fit_disk()
                 if not stop.requested:
                     mem.prepare_reads()
         report.tokens_held = len(mem)
@@ -394,6 +406,7 @@ class Session:
             progress.advance(update["tokens"], doc.name)
             if time.perf_counter() - last_commit > CHECKPOINT_SECONDS and not stop.requested:
                 self._commit(mem, "ingest", _ingest_message(mem, report) + " (checkpoint)")
+                self.fit_disk()
                 last_commit = time.perf_counter()
         else:
             del mem.sources[source]["partial"]
@@ -467,6 +480,8 @@ class Session:
             "write_context": mem.write_context if mem else info.get("write_context"),
             "block_format": mem.block_format if mem else info.get("block_format"),
             "disk_bytes": self.repo.disk_bytes(),
+            "max_disk": self.settings.max_disk,
+            "evicted_blocks": len(self.repo.evicted()),
             "created": info.get("created"),
             "sources": mem.source_counts() if mem else [],
         }

@@ -19,10 +19,11 @@ ROOT = "memllm-memory"  # every member of an export lies under this folder
 
 
 def members(repo: Repo) -> list[str]:
-    """What an export holds: everything but the lock and the caches."""
+    """What an export holds: everything but the lock, the caches, the recomputed blocks and
+    the reads log (derived, or about this machine only)."""
     folder = repo.folder
     return [INFO, "journal.jsonl"] + [
-        str(p.relative_to(folder)) for sub in ("blocks", "versions", "refs")
+        str(p.relative_to(folder)) for sub in ("blocks", "evicted", "versions", "refs")
         for p in sorted((folder / sub).rglob("*")) if p.is_file() and not p.name.startswith(".")
     ]
 

@@ -6,6 +6,14 @@
     <name>/versions/<sha256>.safetensors
                                        immutable: which block rows make up the pool, in order,
                                        with parent, operation, time, seeds (metadata)
+    <name>/evicted/<sha256>.safetensors
+                                       a block evicted by the disk budget (max_disk): its token
+                                       ids and metadata only, named by the block's id; its keys
+                                       and values are recomputed when a question needs them
+    <name>/recomputed/<sha256>.safetensors
+                                       derived: an evicted block's recomputed keys and values,
+                                       kept within the disk budget; never exported
+    <name>/reads.jsonl                 when blocks were last read (for the disk budget's LRU)
     <name>/refs/HEAD, refs/tags/<tag>  a version id each, replaced atomically
     <name>/journal.jsonl               append-only log of every operation
     <name>/lock                        writers hold it while they read-modify-write
@@ -35,6 +43,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +54,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
+from ..clock import now
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 
 
@@ -222,12 +232,13 @@ class Repo:
         return {key: tensors[key] for key in keys}
 
     def has_block(self, block: str) -> bool:
+        """Whether the block is stored with its keys and values (not evicted, not missing)."""
         return (self.folder / "blocks" / f"{block}.safetensors").is_file()
 
     def read_block_ids(self, block: str) -> list[int] | None:
-        """The token ids a block's tokens were written from, or None for blocks written
-        before blocks kept them."""
-        path = self._object("blocks", block)
+        """The token ids a block's tokens were written from (an evicted block keeps them), or
+        None for blocks written before blocks kept them."""
+        path = self._block_or_stub(block)
         try:
             with safe_open(path, framework="pt") as f:
                 return f.get_tensor("ids").tolist() if "ids" in f.keys() else None
@@ -235,7 +246,134 @@ class Repo:
             raise StoreError(f"memory {self.name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
 
     def block_meta(self, block: str) -> dict:
-        return self._meta(self._object("blocks", block))
+        """A block's metadata, from the block or, once evicted, from what it left behind."""
+        return self._meta(self._block_or_stub(block))
+
+    def _block_or_stub(self, block: str) -> Path:
+        stub = self.folder / "evicted" / f"{block}.safetensors"
+        return stub if not self.has_block(block) and stub.is_file() else self._object("blocks", block)
+
+    # -- the disk budget: evicted blocks, recomputed ones, when blocks were read -----------
+
+    def evicted(self) -> list[str]:
+        """Blocks that keep only their token ids and metadata (evicted by the disk budget)."""
+        return sorted(p.name.removesuffix(".safetensors") for p in (self.folder / "evicted").glob("*.safetensors"))
+
+    def is_evicted(self, block: str) -> bool:
+        return (self.folder / "evicted" / f"{block}.safetensors").is_file()
+
+    def evict_block(self, block: str) -> int:
+        """Replace a stored block by its token ids and metadata (written first, so one of the
+        two is always there); returns the bytes freed."""
+        path = self._object("blocks", block)
+        size = path.stat().st_size
+        ids = self.read_block_ids(block)
+        if ids is None:
+            raise StoreError(f"block {block[:12]} keeps no token ids: it cannot be recomputed, so it is not evicted")
+        tensor = torch.tensor(ids, dtype=torch.int32)
+        meta = {**self.block_meta(block), "evicted": {"time": now(), "bytes": size,
+                                                      "ids_sha256": _ids_digest(tensor)}}
+        meta.pop("codec", None)  # it has no keys and values to decode
+        stub = self.folder / "evicted" / f"{block}.safetensors"
+        _private_dir(stub.parent)
+        _atomic_write(stub, save({"ids": tensor}, metadata={"memllm": json.dumps(meta)}))
+        path.unlink()
+        _fsync_dir(path.parent)
+        return size - stub.stat().st_size
+
+    def _stub_tokens(self, block: str) -> int:
+        """The tokens of an evicted block, checked: its ids must hash to what eviction recorded."""
+        path = self.folder / "evicted" / f"{block}.safetensors"
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
+                ids = f.get_tensor("ids")
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise StoreError(f"evicted block {block[:12]}: unreadable: {err}") from None
+        if _ids_digest(ids) != (meta.get("evicted") or {}).get("ids_sha256"):
+            raise StoreError(f"evicted block {block[:12]}: its token ids no longer match their checksum")
+        return len(ids)
+
+    def read_recomputed(self, block: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """An evicted block's recomputed keys and values, if cached (and readable)."""
+        path = self.folder / "recomputed" / f"{block}.safetensors"
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
+                return {key: f.get_tensor(key) for key in f.keys()}, meta
+        except (OSError, SafetensorError, json.JSONDecodeError):
+            return None  # derived data: missing or damaged, it is recomputed
+
+    def write_recomputed(self, block: str, tensors: dict[str, torch.Tensor], meta: dict, max_disk: int) -> bool:
+        """Cache an evicted block's recomputed keys and values, if that keeps the memory within
+        `max_disk` bytes; returns whether it did."""
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"memllm": json.dumps(meta)})
+        if self.disk_bytes() + len(data) > max_disk:
+            return False
+        path = self.folder / "recomputed" / f"{block}.safetensors"
+        _private_dir(path.parent)
+        _atomic_write(path, data)
+        return True
+
+    def recomputed(self) -> dict[str, int]:
+        """Cached recomputed blocks and their sizes."""
+        return {p.name.removesuffix(".safetensors"): p.stat().st_size
+                for p in (self.folder / "recomputed").glob("*.safetensors")}
+
+    def drop_recomputed(self, block: str) -> int:
+        path = self.folder / "recomputed" / f"{block}.safetensors"
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def note_reads(self, blocks: list[str]) -> None:
+        """Record that an answer read these blocks (the disk budget evicts the least recently
+        read). Best effort: a memory on a read-only disk still answers."""
+        if not blocks:
+            return
+        line = json.dumps({"time": time.time(), "blocks": blocks}) + "\n"
+        try:
+            fd = os.open(self.folder / "reads.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            log.debug("cannot record reads: %s", err)
+
+    def last_reads(self) -> dict[str, float]:
+        """When each block was last read (blocks never read are absent)."""
+        last: dict[str, float] = {}
+        try:
+            data = (self.folder / "reads.jsonl").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return last
+        for raw in data.splitlines():
+            try:
+                entry = json.loads(raw)
+                for block in entry["blocks"]:
+                    last[block] = max(last.get(block, 0.0), float(entry["time"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short, or damaged: it only ages what it named
+        return last
+
+    def keep_reads(self, last: dict[str, float]) -> None:
+        """Rewrite the reads log as one line per read time (it grows with every answer)."""
+        by_time: dict[float, list[str]] = {}
+        for block, t in last.items():
+            by_time.setdefault(t, []).append(block)
+        lines = "".join(json.dumps({"time": t, "blocks": sorted(b)}) + "\n" for t, b in sorted(by_time.items()))
+        _atomic_write(self.folder / "reads.jsonl", lines.encode())
+
+    def block_time(self, block: str) -> float:
+        """When a block was written (or, evicted, when it was evicted): its file's time."""
+        for path in (self.folder / "blocks" / f"{block}.safetensors", self.folder / "evicted" / f"{block}.safetensors"):
+            with contextlib.suppress(OSError):
+                return path.stat().st_mtime
+        return 0.0
 
     def write_version(self, tensors: dict[str, torch.Tensor], meta: dict) -> str:
         return self._put("versions", tensors, meta)
@@ -436,6 +574,14 @@ class Repo:
                         report.damaged.append(f"block {digest[:12]}: unreadable: {err}")
                 if progress:
                     progress(1)
+        evicted = self.evicted()
+        for digest in evicted:  # what the disk budget left of a block: its ids, checked
+            try:
+                tokens = self._stub_tokens(digest)
+            except StoreError as err:
+                report.damaged.append(err.message)
+                continue
+            good_blocks.setdefault(digest, tokens)
         damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
         pruned = self.pruned()
         pruned_blocks = self.pruned_blocks()
@@ -475,11 +621,13 @@ class Repo:
         if torn:
             lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
             report.damaged.append(f"journal.jsonl: line {lines} is not a journal entry")
-        report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs)}
+        report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs),
+                          **({"evicted": len(evicted)} if evicted else {})}
         return report
 
     def damaged_blocks(self, blocks: set[str]) -> list[str]:
-        """Those of `blocks` whose file is missing or no longer hashes to its id."""
+        """Those of `blocks` whose file is missing or no longer hashes to its id (an evicted
+        block is not damaged while what it left behind checks)."""
         out = []
         for block in sorted(blocks):
             if block.startswith("@"):
@@ -487,11 +635,19 @@ class Repo:
             path = self.folder / "blocks" / f"{block}.safetensors"
             try:
                 ok = hashlib.sha256(path.read_bytes()).hexdigest() == block
+            except FileNotFoundError:
+                ok = self._stub_ok(block)
             except OSError:
                 ok = False
             if not ok:
                 out.append(block)
         return out
+
+    def _stub_ok(self, block: str) -> bool:
+        try:
+            return self.is_evicted(block) and self._stub_tokens(block) >= 0
+        except StoreError:
+            return False
 
     # -- repair ------------------------------------------------------------------------
 
@@ -613,14 +769,19 @@ class Repo:
         return {b for e in self.journal() if e.get("op") == "gc" for b in e.get("pruned_blocks", [])}
 
     def delete_objects(self, kind: str, ids: list[str]) -> int:
-        folder = self.folder / kind
+        """Delete versions, or blocks (with what eviction left of them and their recomputed
+        keys and values); returns the bytes freed."""
+        folders = [self.folder / kind] + ([self.folder / "evicted", self.folder / "recomputed"]
+                                          if kind == "blocks" else [])
         freed = 0
-        for digest in ids:
-            path = folder / f"{digest}.safetensors"
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-        _fsync_dir(folder)
+        for folder in folders:
+            for digest in ids:
+                path = folder / f"{digest}.safetensors"
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.stat().st_size
+                    path.unlink()
+            if folder.is_dir():
+                _fsync_dir(folder)
         return freed
 
     def remove_if_empty(self) -> None:
@@ -715,6 +876,10 @@ def _known(names: list[str], what: str = "memories") -> str:
     if not names:
         return "nothing has been ingested yet: memllm ingest FILE" if what == "memories" else f"no {what} yet"
     return f"known {what}: " + ", ".join(names)
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _private_dir(path: Path) -> None:
