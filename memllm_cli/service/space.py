@@ -17,11 +17,13 @@ from ..errors import StoreError
 
 log = logging.getLogger("memllm")
 
+ROOM = 0.1  # of the budget freed below it when evicting: room for the blocks answers recompute
+
 
 def fit(repo, max_disk: int) -> dict:
-    """Evict until the memory takes at most `max_disk` bytes: recomputed copies first, then
-    stored blocks, least recently used first (read by an answer, else written). Hold the
-    memory's lock."""
+    """Over `max_disk` bytes, evict until the memory takes at most (1 - ROOM) of it: cached
+    recomputed blocks and stored ones alike, least recently used first (read by an answer,
+    else written). Hold the memory's lock."""
     used = repo.disk_bytes()
     report = {"max_disk": max_disk, "disk_bytes": used, "evicted_blocks": 0, "dropped_recomputed": 0,
               "bytes_freed": 0}
@@ -46,9 +48,9 @@ def fit(repo, max_disk: int) -> dict:
     recomputed = repo.recomputed()
     stored = [b for b in repo.blocks() if b not in pinned]
     order = sorted([(used_at(b), 0, b) for b in recomputed] + [(used_at(b), 1, b) for b in stored])
-    freed = 0
+    freed, target = 0, int(max_disk * (1 - ROOM))
     for _, is_block, block in order:
-        if used - freed <= max_disk:
+        if used - freed <= target:
             break
         if is_block:
             try:
