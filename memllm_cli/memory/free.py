@@ -374,7 +374,7 @@ class FreeMemory(Memory):
         context = None
         idx = recall.index(self, lm.tokenizer)
         read: list[recall.Candidate] = []
-        if budget and idx.candidates:
+        if budget and len(idx):
             read = recall.select(idx, question, budget)
             engine = lm.engine
             pool, damaged = recall.read(read, DTYPES[self.dtype], (engine.layers, engine.kv_heads, engine.head_dim))

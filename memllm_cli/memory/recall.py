@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,12 +54,32 @@ class Candidate:
         return self._ids
 
 
-@dataclass
 class Index:
-    """The candidates of a memory and a BM25 index over their text."""
+    """The candidates of a memory, as columns (block, update, source, chunk, tokens, codec),
+    and a BM25 index over their text. Candidate objects are built only for the blocks a
+    question selects (`candidate`), or all of them when asked for (`candidates`): a memory of
+    a million tokens has thousands of blocks, and an answer reads a handful."""
 
-    candidates: list[Candidate]
-    retriever: object | None  # bm25s.BM25; None when there is nothing to search
+    def __init__(self, columns: dict[str, list], retriever, make: Callable[[int], Candidate]) -> None:
+        self.columns = columns
+        self.retriever = retriever  # bm25s.BM25; None when there is nothing to search
+        self._make = make
+        self._built: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self.columns["block"])
+
+    def candidate(self, k: int) -> Candidate:
+        if k not in self._built:
+            self._built[k] = self._make(k)
+        return self._built[k]
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [self.candidate(k) for k in range(len(self))]
+
+
+COLUMNS = ("block", "update", "source", "chunk", "tokens")
 
 
 def index(memory, tokenizer) -> Index:
@@ -74,7 +95,9 @@ def index(memory, tokenizer) -> Index:
         found.append(Candidate(f"pending-{k}", meta.get("update", 0), source, meta.get("chunk", 0),
                                len(states["ids"]), _decoder(lambda s=states: s, codec.of(meta)),
                                lambda s=states: s["ids"].tolist()))
-    return Index(found, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]))
+    columns = {name: [getattr(c, name) for c in found] for name in COLUMNS}
+    return Index(columns, bm25_index([tokenizer.decode(c.ids, skip_special_tokens=True) for c in found]),
+                 found.__getitem__)
 
 
 def _decoder(load: Callable[[], dict], found: dict | None) -> Callable[[], dict]:
@@ -91,26 +114,29 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     blocks on disk, and each ask after the first loads it (memory-mapped) instead."""
     import bm25s
 
-    key = f"recall-{memory.head}-{len(library.blocks())}"
+    key = f"recall-{memory.head}-{library.block_count()}"
 
-    def loader(digest: str, found: dict | None):
-        return lambda: memory.block_states(digest, found)
-
-    def ids_of(digest: str):
-        return lambda: library.read_block_ids(digest) or []
+    def make(columns: dict[str, list], codecs: list[dict | None]) -> Callable[[int], Candidate]:
+        def build(k: int) -> Candidate:
+            block, found = columns["block"][k], codecs[columns["codec"][k]]
+            return Candidate(block, columns["update"][k], columns["source"][k], columns["chunk"][k],
+                             columns["tokens"][k], partial(memory.block_states, block, found),
+                             partial(_ids, library, block), codec=found)
+        return build
 
     folder = library.cached(key)
     if folder is not None and (folder / "candidates.json").is_file():
         try:
-            rows = json.loads((folder / "candidates.json").read_text())
-            retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if rows else None
-            return Index([Candidate(r["block"], r["update"], r["source"], r["chunk"], r["tokens"],
-                                    loader(r["block"], r.get("codec")), ids_of(r["block"]), codec=r.get("codec"))
-                          for r in rows], retriever)
-        except (OSError, ValueError, KeyError):
-            library.drop_cache(key)  # a damaged cache is rebuilt below
+            saved = json.loads((folder / "candidates.json").read_text())
+            columns, codecs = {name: saved[name] for name in (*COLUMNS, "codec")}, saved["codecs"]
+            retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if columns["block"] else None
+            return Index(columns, retriever, make(columns, codecs))
+        except (OSError, ValueError, KeyError, TypeError):
+            library.drop_cache(key)  # a damaged (or older) cache is rebuilt below
     live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
-    found, texts = [], []
+    columns: dict[str, list] = {name: [] for name in (*COLUMNS, "codec")}
+    codecs: list[dict | None] = []
+    texts = []
     for digest in memory.blocks:
         if digest.startswith("@") or not (library.has_block(digest) or library.is_evicted(digest)):
             continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
@@ -121,20 +147,26 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
         ids = library.read_block_ids(digest) if source is not None else None
         if source is None or ids is None:
             continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
-        found.append(Candidate(digest, meta.get("update", 0), source, chunk, len(ids), loader(digest, codec.of(meta)),
-                               ids_of(digest), codec=codec.of(meta)))
+        found = codec.of(meta)
+        if found not in codecs:
+            codecs.append(found)
+        for name, value in zip((*COLUMNS, "codec"), (digest, meta.get("update", 0), source, chunk, len(ids),
+                                                     codecs.index(found)), strict=True):
+            columns[name].append(value)
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     retriever = bm25_index(texts)
 
     def fill(tmp: Path) -> None:
         if retriever is not None:
             retriever.save(str(tmp), show_progress=False)
-        rows = [{"block": c.block, "update": c.update, "source": c.source, "chunk": c.chunk, "tokens": c.tokens,
-                 **({"codec": c.codec} if c.codec else {})} for c in found]
-        (tmp / "candidates.json").write_text(json.dumps(rows))
+        (tmp / "candidates.json").write_text(json.dumps({**columns, "codecs": codecs}))
 
     library.write_cache(key, fill)
-    return Index(found, retriever)
+    return Index(columns, retriever, make(columns, codecs))
+
+
+def _ids(library: BlockSource, block: str) -> list[int]:
+    return library.read_block_ids(block) or []
 
 
 MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
@@ -145,21 +177,28 @@ def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     they were written. A block larger than what is left of the budget is skipped, not cut;
     blocks scoring under MIN_RELATIVE_SCORE of the best are not read; if no block shares a
     term with the question, the most recent blocks are (the pool's own bias)."""
-    found = idx.candidates
-    if not found:
+    count = len(idx)
+    if not count:
         return []
-    for c, score in zip(found, bm25_scores(idx.retriever, question, len(found)), strict=True):
-        c.score = score
-    best = max(c.score for c in found)
-    ranked = [c for c in sorted(found, key=lambda c: -c.score) if c.score > 0 and c.score >= MIN_RELATIVE_SCORE * best]
+    scores = bm25_scores(idx.retriever, question, count)
+    best = max(scores)
+    ranked = sorted((k for k in range(count) if scores[k] > 0 and scores[k] >= MIN_RELATIVE_SCORE * best),
+                    key=lambda k: -scores[k])
     if not ranked:
-        ranked = sorted(found, key=lambda c: -c.update)
+        updates = idx.columns["update"]
+        ranked = sorted(range(count), key=lambda k: -updates[k])
+    tokens = idx.columns["tokens"]
     picked, used = [], 0
-    for candidate in ranked:
-        if used + candidate.tokens <= budget:
-            picked.append(candidate)
-            used += candidate.tokens
-    return sorted(picked, key=lambda c: c.update)
+    for k in ranked:
+        if used + tokens[k] <= budget:
+            picked.append(k)
+            used += tokens[k]
+    out = []
+    for k in picked:
+        candidate = idx.candidate(k)
+        candidate.score = float(scores[k])
+        out.append(candidate)
+    return sorted(out, key=lambda c: c.update)
 
 
 def read(selected: list[Candidate], dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[Pool, list[Candidate]]:

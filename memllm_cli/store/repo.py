@@ -396,6 +396,14 @@ class Repo:
     def versions(self) -> list[str]:
         return sorted(p.name.removesuffix(".safetensors") for p in (self.folder / "versions").glob("*.safetensors"))
 
+    def block_count(self) -> int:
+        """How many blocks are stored (cheaper than listing them)."""
+        try:
+            return sum(1 for name in os.listdir(self.folder / "blocks")
+                       if name.endswith(".safetensors") and not name.startswith("."))
+        except FileNotFoundError:
+            return 0
+
     def blocks(self) -> list[str]:
         return sorted(p.name.removesuffix(".safetensors") for p in (self.folder / "blocks").glob("*.safetensors"))
 

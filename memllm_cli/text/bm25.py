@@ -21,17 +21,14 @@ def bm25_index(texts: list[str]):
 def bm25_scores(retriever, question: str, count: int) -> list[float]:
     """The BM25 score of each of the `count` indexed texts for the question (0 for all when
     the question has no searchable word or there is no index)."""
-    scores = [0.0] * count
     if retriever is None:
-        return scores
+        return [0.0] * count
     import bm25s
 
     query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)
-    if query and query[0]:
-        order, values = retriever.retrieve(query, k=count, show_progress=False)
-        for i, score in zip(order[0].tolist(), values[0].tolist(), strict=True):
-            scores[i] = float(score)
-    return scores
+    if not (query and query[0]):
+        return [0.0] * count
+    return retriever.get_scores(query[0]).tolist()  # every text's score, in index order
 
 
 def rarity(retriever):
