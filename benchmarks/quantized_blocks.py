@@ -32,7 +32,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open
 # memllm's block formats (memllm_cli/memory/codec.py), KIVI's own grouping of 32, and one value
 # scale per token and layer (all heads' channels: 192 for SmolLM2) for comparison
 FORMATS = {**codec.FORMATS, "int4-g32": {"bits": 4, "key_group": 32, "value_group": 32},
-           "int4-layer": {"bits": 4, "key_group": 128, "value_group": 192}}
+           "int4-layer": {"bits": 4, "key_group": 128, "value_group": 192},
+           "int4-layer-k256": {"bits": 4, "key_group": 256, "value_group": 192}}
 
 
 def round_trip(states: dict, fmt: dict | None) -> tuple[dict, int]:

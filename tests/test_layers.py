@@ -27,7 +27,8 @@ ALLOWED = {
     "store": {"leaf", "store"},
     "service": {"leaf", "text", "model", "memory", "store", "service"},
     "bench": {"leaf", "text", "service", "bench"},
-    "cli": {"leaf", "service", "bench", "cli"},
+    "server": {"leaf", "text", "service", "server"},
+    "cli": {"leaf", "service", "bench", "server", "cli"},
 }
 UI_LIBRARIES = {"typer", "rich", "click"}
 

@@ -155,6 +155,7 @@ class Session:
         self.settings = settings or load_settings(**overrides)
         self.store = Store(self.settings.home)
         self._model: LoadedModel | None = None
+        self._models = None  # a shared model cache (hub.Models), when serving
         self._repo = None
 
     @property
@@ -170,12 +171,25 @@ class Session:
 
     # -- the model ---------------------------------------------------------------------
 
+    def attach(self, models) -> Session:
+        """Take loaded models from a shared cache (service/hub.py) instead of loading them."""
+        self._models = models
+        return self
+
+    def model_spec(self, info: dict | None = None) -> str:
+        """The model to use: the one asked for, else the one that wrote the memory, else the default."""
+        return self.settings.model or (info or {}).get("model", {}).get("name") or EMBEDDED
+
     def model(self, info: dict | None = None) -> LoadedModel:
         """The model: the one asked for, else the one that wrote the memory, else the default."""
+        if self._models is not None:  # shared: the cache decides what stays loaded
+            if info is None and self.settings.model is None and self.repo.exists():
+                info = self.repo.info()  # a session serves its memory's own model
+            self._model = self._models.get(self.model_spec(info))
         if self._model is None:
-            spec = self.settings.model or (info or {}).get("model", {}).get("name") or EMBEDDED
             self._model = load_model(
-                spec, cache_dir=self.settings.cache_dir, device=self.settings.device, dtype=self.settings.dtype
+                self.model_spec(info), cache_dir=self.settings.cache_dir, device=self.settings.device,
+                dtype=self.settings.dtype,
             )
         if info is not None and info["model"].get("fingerprint") not in (None, self._model.fingerprint):
             raise ModelError(

@@ -1,0 +1,404 @@
+"""memllm's HTTP API (FastAPI): an OpenAI-compatible chat API over memories, and memllm's own
+JSON API for what the commands do.
+
+    GET  /v1/models                        every memory, as the model "memllm/<name>"
+    POST /v1/chat/completions              the last user message is the question; stream: SSE
+    GET  /api/memories                     memllm list
+    GET  /api/memories/{name}/status       memllm status
+    POST /api/memories/{name}/ingest       text documents (JSON, text/plain or multipart files)
+    POST /api/memories/{name}/ask          memllm ask --json
+    GET  /api/memories/{name}/log          memllm log
+    POST /api/memories/{name}/snapshot     memllm snapshot
+    POST /api/memories/{name}/rollback     memllm snapshot rollback
+    GET  /api/memories/{name}/diff         memllm diff
+    POST /api/memories/{name}/forget       memllm forget
+    POST /api/memories/{name}/verify       memllm verify
+    GET  /docs, /openapi.json              the framework's OpenAPI pages
+
+Errors are OpenAI's shape everywhere, `{"error": {"message", "type", "param", "code"}}`, with
+the CLI's exit code as `code` for memllm's own errors. Blocking work (a model, a forward pass,
+the store) runs in worker threads; a streamed answer stops generating when its client goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import (
+    Busy,
+    ConfigError,
+    InputError,
+    MemllmError,
+    MemoryNotFound,
+    ModelError,
+    StoreError,
+    Ungrounded,
+    UsageError,
+)
+from ..service.hub import Hub
+from ..service.session import Stop
+from ..text.sources import Document
+
+log = logging.getLogger("memllm.serve")
+
+PREFIX = "memllm/"  # an OpenAI model id names a memory: "memllm/notes"
+MAX_BODY = 16 * 1024 * 1024  # bytes a request body may have (ingest text, chat messages)
+HTTP_STATUS = {UsageError: 400, ConfigError: 400, InputError: 400, MemoryNotFound: 404, ModelError: 400,
+               StoreError: 500, Busy: 409, Ungrounded: 422}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: Any = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def error_body(message: str, kind: str, code: Any = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# -- request bodies ----------------------------------------------------------------------
+
+class Message(BaseModel):
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class AskRequest(BaseModel):
+    question: str
+    max_tokens: int = Field(default=256, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    budget: int | None = Field(default=None, ge=0)
+
+
+class TextDocument(BaseModel):
+    name: str
+    text: str
+
+
+class IngestRequest(BaseModel):
+    documents: list[TextDocument] = Field(default_factory=list)
+    paths: list[str] = Field(default_factory=list, description="files on the server's disk (local socket only)")
+    force: bool = False
+    sync: bool = False
+
+
+class SnapshotRequest(BaseModel):
+    tag: str | None = None
+    message: str = ""
+
+
+class RollbackRequest(BaseModel):
+    target: str
+    dry_run: bool = False
+
+
+class ForgetRequest(BaseModel):
+    sources: list[str] = Field(min_length=1)
+    purge: bool = False
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request], bool] | None = None) -> FastAPI:
+    """The API over a hub's memories. `api_key`: required as `Authorization: Bearer` (but on
+    the Unix socket); `local(request)`: whether a request came over the Unix socket."""
+    app = FastAPI(title="memllm", summary="A language model's memory that keeps learning (MemoryLLM)")
+    local = local or (lambda request: False)
+    stops: dict[int, Stop] = {}  # ingests in flight: shutdown asks them to stop at a chunk boundary
+    app.state.stops = stops
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        try:
+            if api_key is not None and not local(request):
+                if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                    raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                                   "invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
+            response = await call_next(request)
+        except ApiError as err:
+            response = JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
+        except Exception as err:  # noqa: BLE001 - a bug: one line here, the client gets a 500, the server goes on
+            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err,
+                      exc_info=bool(os.environ.get("MEMLLM_DEBUG")))
+            response = JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"),
+                                    status_code=500)
+        log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code,
+                 time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
+
+    @app.exception_handler(MemllmError)
+    async def memllm_error(request: Request, err: MemllmError):
+        status = next((s for cls, s in HTTP_STATUS.items() if isinstance(err, cls)), 500)
+        message = err.message + (f" ({err.hint})" if err.hint else "")
+        kind = "not_found_error" if status == 404 else "server_error" if status >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind, err.exit_code), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("the body is not valid JSON", "invalid_request_error", "invalid_json"),
+                                status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request body")
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_body", where or None),
+                            status_code=400)
+
+    def session(name: str):
+        return hub.session(name)
+
+    def existing(name: str):
+        found = session(name)
+        if not found.repo.exists():
+            raise MemoryNotFound(f"no memory named {name!r}", hint="known: " + ", ".join(hub.memories()) or "none")
+        return found
+
+    # -- OpenAI-compatible ---------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models():
+        names = await run_in_threadpool(hub.memories)
+        return {"object": "list", "data": [{"id": PREFIX + n, "object": "model", "created": 0, "owned_by": "memllm"}
+                                           for n in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        name = body.model.removeprefix(PREFIX)
+        question = last_user_message(body.messages)
+        limit = body.max_completion_tokens or body.max_tokens or 256
+        mem = await run_in_threadpool(existing, name)
+        answer = await run_in_threadpool(lambda: mem.ask(question, max_new_tokens=limit,
+                                                         temperature=body.temperature, top_p=body.top_p,
+                                                         seed=body.seed))
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "created": created, "model": body.model}
+        if not body.stream:
+            text = await run_in_threadpool(lambda: "".join(answer))
+            return {**head, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                                 "finish_reason": finish(answer, limit)}],
+                    "usage": usage(mem, question, answer), "memllm": extension(answer)}
+
+        async def events() -> AsyncIterator[str]:
+            chunk = {**head, "object": "chat.completion.chunk"}
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+            async for piece in pieces(answer, request):
+                yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish(answer, limit)}],
+                       "usage": usage(mem, question, answer), "memllm": extension(answer)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- memllm's own ----------------------------------------------------------------------
+
+    @app.get("/api/memories")
+    async def list_memories():
+        return await run_in_threadpool(lambda: session("default").list_memories())
+
+    @app.get("/api/memories/{name}/status")
+    async def status(name: str):
+        return await run_in_threadpool(lambda: existing(name).status())
+
+    @app.post("/api/memories/{name}/ask")
+    async def ask(name: str, body: AskRequest):
+        def run() -> dict:
+            answer = existing(name).ask(body.question, max_new_tokens=body.max_tokens, temperature=body.temperature,
+                                        top_p=body.top_p, top_k=body.top_k, seed=body.seed, budget=body.budget)
+            "".join(answer)
+            return answer.to_dict()
+
+        return await run_in_threadpool(run)
+
+    @app.post("/api/memories/{name}/ingest")
+    async def ingest(name: str, request: Request):
+        documents, paths, force, sync = await ingest_body(request, local(request))
+        stop = Stop()
+        stops[id(stop)] = stop
+        try:
+            def run() -> dict:
+                target = session(name)
+                if paths:
+                    return target.ingest(paths, force=force, sync=sync, stop=stop).to_dict()
+                return target.ingest_documents(documents, force=force, sync=sync, stop=stop).to_dict()
+
+            return await run_in_threadpool(run)
+        finally:
+            stops.pop(id(stop), None)
+
+    @app.get("/api/memories/{name}/log")
+    async def history(name: str, limit: int | None = None):
+        return await run_in_threadpool(lambda: existing(name).log(limit))
+
+    @app.post("/api/memories/{name}/snapshot")
+    async def snapshot(name: str, body: SnapshotRequest):
+        return await run_in_threadpool(lambda: existing(name).snapshot_create(body.tag, body.message))
+
+    @app.post("/api/memories/{name}/rollback")
+    async def rollback(name: str, body: RollbackRequest):
+        return await run_in_threadpool(lambda: existing(name).rollback(body.target, dry_run=body.dry_run))
+
+    @app.get("/api/memories/{name}/diff")
+    async def diff(name: str, a: str = "HEAD~1", b: str = "HEAD"):
+        return await run_in_threadpool(lambda: existing(name).diff(a, b))
+
+    @app.post("/api/memories/{name}/forget")
+    async def forget(name: str, body: ForgetRequest):
+        return await run_in_threadpool(lambda: existing(name).forget(body.sources, purge=body.purge))
+
+    @app.post("/api/memories/{name}/verify")
+    async def verify(name: str):
+        return await run_in_threadpool(lambda: existing(name).verify())
+
+    return app
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def last_user_message(messages: list[Message]) -> str:
+    for message in reversed(messages):
+        if message.role == "user":
+            content = message.content
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+            if content and content.strip():
+                return content
+            break
+    raise ApiError(400, "the last user message (the question) is missing or empty", param="messages")
+
+
+def finish(answer, limit: int) -> str:
+    return "length" if len(answer.ids) >= limit else "stop"
+
+
+def usage(mem, question: str, answer) -> dict:
+    asked = len(mem.model().tokenizer(question, add_special_tokens=False)["input_ids"])
+    prompt = asked + int(answer.info.get("read_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": len(answer.ids), "total_tokens": prompt + len(answer.ids)}
+
+
+def extension(answer) -> dict:
+    """What memllm adds to an OpenAI answer: what it read and whether that supports the answer."""
+    keep = ("memory", "read_tokens", "sources", "grounded", "damaged")
+    return {k: answer.info[k] for k in keep if k in answer.info}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def pieces(answer, request: Request) -> AsyncIterator[str]:
+    """The answer's text pieces, generated in a worker thread; generation stops when the client
+    disconnects (the thread stops at the next token)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for piece in answer:
+                if gone.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except Exception as err:  # noqa: BLE001 - ends the stream; the client sees it cut short
+            log.warning("generation failed: %s", err)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = threading.Thread(target=produce, name="memllm-generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            piece = await queue.get()
+            if piece is done:
+                break
+            if await request.is_disconnected():
+                break
+            yield piece
+    finally:
+        gone.set()  # a client that went: the worker stops at the next token
+
+
+async def ingest_body(request: Request, local: bool) -> tuple[list[Document], list[str], bool, bool]:
+    """Documents from a JSON body ({documents: [{name, text}], paths, force, sync}), a text/plain
+    body (?name=), or multipart files. Paths on the server's disk only over the local socket."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    query = request.query_params
+    flag = lambda key: query.get(key, "").lower() in ("1", "true", "yes")  # noqa: E731
+    if kind == "multipart/form-data":
+        form = await request.form()
+        documents = []
+        for field, value in form.multi_items():
+            if hasattr(value, "read"):
+                data = await value.read()
+                documents.append(decoded(value.filename or field, data))
+        if not documents:
+            raise ApiError(400, "the multipart body has no files", param="files")
+        return documents, [], flag("force"), False
+    if kind in ("text/plain", "text/markdown"):
+        name = query.get("name")
+        if not name:
+            raise ApiError(400, "a text/plain ingest needs ?name=NAME (a later ingest under it replaces it)",
+                           param="name")
+        return [decoded(name, await request.body())], [], flag("force"), False
+    try:
+        body = IngestRequest.model_validate_json(await request.body())
+    except ValueError as err:
+        raise ApiError(400, f"the ingest body is not {{documents: [{{name, text}}], ...}}: "
+                            f"{str(err).splitlines()[0]}", code="invalid_body") from None
+    if body.paths and not local:
+        raise ApiError(403, "paths on the server's disk are accepted only over the local socket; send the text",
+                       "permission_error", param="paths")
+    if not body.documents and not body.paths:
+        raise ApiError(400, "nothing to ingest: give documents or paths", param="documents")
+    return [Document.of(d.name, d.text) for d in body.documents], body.paths, body.force, body.sync
+
+
+def decoded(name: str, data: bytes) -> Document:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{name}: not UTF-8 text", param="body") from None
+    if not text.strip():
+        raise ApiError(400, f"{name}: empty", param="body")
+    return Document.of(name, text)

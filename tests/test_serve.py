@@ -1,0 +1,223 @@
+"""memllm serve (issue 13): the real server as a subprocess on a temporary socket and a free
+loopback port, a tiny random model, and real clients (httpx over the Unix socket, the
+official openai package over TCP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from memllm_cli.service import Memllm
+
+NOTE = "The tool shed code is 4417. The garden coordinator is Maria Okafor. Compost is behind the shed."
+
+
+class Server:
+    def __init__(self, home: Path, model: Path, sock: Path, *extra: str, env: dict | None = None) -> None:
+        self.home, self.sock = home, sock
+        self.env = {**os.environ, "MEMLLM_HOME": str(home), "MEMLLM_MODEL": str(model), **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "memllm_cli", "serve", "--socket", str(sock),
+                                      "--host", "127.0.0.1", "--port", "0", *extra],
+                                     env=self.env, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert found, line + self.proc.stderr.read()
+        self.port = int(found.group(1))
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        self.uds = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://memllm", timeout=60)
+        self.tcp = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path, tiny_dir):
+    started = Server(tmp_path / "home", tiny_dir, tmp_path / "run" / "memllm.sock")
+    yield started
+    started.stop()
+
+
+def ingest(client, memory="notes", **docs):
+    return client.post(f"/api/memories/{memory}/ingest",
+                       json={"documents": [{"name": n, "text": t} for n, t in docs.items()]})
+
+
+def chat(content, memory="notes", **extra):
+    return {"model": f"memllm/{memory}", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_models_ingest_and_a_greedy_answer_equal_to_in_process(server, tiny_dir):
+    assert server.uds.get("/v1/models").json() == {"object": "list", "data": []}
+    report = ingest(server.uds, **{"a.txt": NOTE}).json()
+    assert report["files"] == 1 and report["memory"] == "notes"
+    assert [m["id"] for m in server.uds.get("/v1/models").json()["data"]] == ["memllm/notes"]
+    got = server.uds.post("/v1/chat/completions", json=chat("What is the shed code?", max_tokens=6)).json()
+    assert got["object"] == "chat.completion" and got["choices"][0]["finish_reason"] == "length"
+    assert got["usage"]["completion_tokens"] == 6 and got["usage"]["prompt_tokens"] > 6
+    assert got["memllm"]["sources"][0]["source"] == "a.txt"
+    local = Memllm(memory="notes", model=str(tiny_dir)).ask("What is the shed code?", max_new_tokens=6)
+    assert got["choices"][0]["message"]["content"] == "".join(local).strip()
+    ask = server.uds.post("/api/memories/notes/ask", json={"question": "What is the shed code?", "max_tokens": 6})
+    assert ask.json()["answer"] == got["choices"][0]["message"]["content"]
+    status = server.uds.get("/api/memories/notes/status").json()
+    assert status["sources"][0]["name"] == "a.txt" and status["updates"] == 1
+    assert any("POST /v1/chat/completions 200" in line for line in server.lines) or server.proc.poll() is None
+
+
+def test_the_openai_client_streams_and_not(server):
+    openai = pytest.importorskip("openai")
+    ingest(server.uds, **{"a.txt": NOTE})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["memllm/notes"]
+    whole = client.chat.completions.create(model="memllm/notes", max_tokens=8,
+                                           messages=[{"role": "user", "content": "Who coordinates the garden?"}])
+    parts = client.chat.completions.create(model="memllm/notes", max_tokens=8, stream=True,
+                                           messages=[{"role": "user", "content": "Who coordinates the garden?"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+    assert text.strip() == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 8
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="memllm/none", messages=[{"role": "user", "content": "x"}])
+    assert "no memory named 'none'" in str(missing.value)
+
+
+@pytest.mark.parametrize(("body", "status", "says"), [
+    (b"{not json", 400, "not valid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "model"),
+    (json.dumps(chat("")).encode(), 400, "question"),
+    (json.dumps(chat("x", memory="absent")).encode(), 404, "no memory named 'absent'"),
+    (json.dumps(chat("x", max_tokens=0)).encode(), 400, "max_tokens"),
+    (json.dumps({**chat("x"), "messages": [{"role": "user", "content": "x" * (17 << 20)}]}).encode(), 413, "over"),
+])
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server, body, status, says):
+    ingest(server.uds, **{"a.txt": NOTE})
+    got = server.uds.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert got.status_code == status
+    error = got.json()["error"]
+    assert says in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert server.uds.get("/v1/models").status_code == 200
+
+
+def test_ingest_bodies_and_paths_only_over_the_local_socket(server, tmp_path):
+    note = tmp_path / "shed.md"
+    note.write_text(NOTE)
+    text = server.uds.post("/api/memories/notes/ingest?name=plain.txt", content="Bees live by the north wall.",
+                           headers={"content-type": "text/plain"})
+    assert text.json()["files"] == 1
+    files = server.tcp.post("/api/memories/notes/ingest", files={"f": ("up.md", b"The pond was dug in 2019.")})
+    assert files.json()["files"] == 1
+    refused = server.tcp.post("/api/memories/notes/ingest", json={"paths": [str(note)]})
+    assert refused.status_code == 403 and "local socket" in refused.json()["error"]["message"]
+    assert server.uds.post("/api/memories/notes/ingest", json={"paths": [str(note)]}).json()["files"] == 1
+    names = {s["name"] for s in server.uds.get("/api/memories/notes/status").json()["sources"]}
+    assert names == {"plain.txt", "up.md", str(note.resolve())}
+    binary = server.uds.post("/api/memories/notes/ingest?name=b.bin", content=b"\xff\xfe\x00",
+                             headers={"content-type": "text/plain"})
+    assert binary.status_code == 400 and "UTF-8" in binary.json()["error"]["message"]
+
+
+def test_history_over_the_api(server):
+    ingest(server.uds, **{"a.txt": NOTE})
+    ingest(server.uds, **{"b.txt": "Bees live by the north wall."})
+    log = server.uds.get("/api/memories/notes/log").json()
+    assert len(log) == 2
+    assert server.uds.post("/api/memories/notes/snapshot", json={"tag": "two"}).json()["snapshot"] == "two"
+    assert server.uds.get("/api/memories/notes/diff").json()["totals"]["added"] > 0
+    back = server.uds.post("/api/memories/notes/rollback", json={"target": "HEAD~1"}).json()
+    assert back["version"]
+    assert server.uds.post("/api/memories/notes/verify").json()["ok"]
+    gone = server.uds.post("/api/memories/notes/forget", json={"sources": ["a.txt"]})
+    assert gone.status_code == 200
+    assert server.uds.post("/api/memories/notes/forget", json={"sources": []}).status_code == 400
+
+
+def test_socket_permissions_a_second_server_and_a_stale_socket(server, tiny_dir):
+    assert oct(server.sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(server.sock.parent.stat().st_mode & 0o777) == "0o700"
+    second = subprocess.run([sys.executable, "-m", "memllm_cli", "serve", "--socket", str(server.sock) + "2"],
+                            env=server.env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 7 and "another memllm serve" in second.stderr
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert server.sock.exists()  # a killed server leaves its socket
+    again = Server(server.home, tiny_dir, server.sock)
+    try:
+        assert again.uds.get("/v1/models").status_code == 200
+    finally:
+        assert again.stop() == 0
+    assert not server.sock.exists()
+
+
+def test_sigterm_during_an_ingest_commits_at_a_chunk_boundary(server):
+    ingest(server.uds, **{"a.txt": NOTE})
+    big = " ".join(f"Line {i} of the long notes, about the garden and the shed." for i in range(3000))
+    result: dict = {}
+
+    def run():
+        try:
+            result["response"] = server.uds.post("/api/memories/notes/ingest",
+                                                 json={"documents": [{"name": "big.txt", "text": big}]})
+        except httpx.HTTPError as err:
+            result["error"] = err
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.5)
+    assert server.stop() == 0
+    worker.join(timeout=60)
+    if "response" in result:
+        assert result["response"].json()["interrupted"] == "SIGTERM"
+    service = Memllm(memory="notes")  # the test's home is the server's
+    assert service.settings.home == server.home and service.verify()["ok"]
+    assert {s["name"] for s in service.status()["sources"]} >= {"a.txt"}
+
+
+def test_an_api_key_guards_tcp_but_not_the_socket(tmp_path, tiny_dir):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    key.chmod(0o600)
+    guarded = Server(tmp_path / "home", tiny_dir, tmp_path / "k.sock", "--api-key-file", str(key))
+    try:
+        assert guarded.tcp.get("/v1/models").status_code == 401
+        wrong = guarded.tcp.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert guarded.tcp.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert guarded.uds.get("/v1/models").status_code == 200
+    finally:
+        guarded.stop()
+    key.chmod(0o644)
+    loose = subprocess.run([sys.executable, "-m", "memllm_cli", "serve", "--api-key-file", str(key)],
+                           env={**os.environ, "MEMLLM_HOME": str(tmp_path / "h2")}, capture_output=True, text=True)
+    assert loose.returncode == 2 and "readable by others" in loose.stderr
+    open_tcp = subprocess.run([sys.executable, "-m", "memllm_cli", "serve", "--host", "0.0.0.0"],
+                              env={**os.environ, "MEMLLM_HOME": str(tmp_path / "h3")}, capture_output=True, text=True)
+    assert open_tcp.returncode == 2 and "API key" in open_tcp.stderr
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_server(server):
+    ingest(server.uds, **{"a.txt": NOTE})
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        body = json.dumps(chat("Tell me about the shed.", max_tokens=2000, stream=True)).encode()
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        raw.settimeout(30)
+        seen = b""
+        while b"chat.completion.chunk" not in seen:
+            seen += raw.recv(4096)  # the answer has started: then the client goes
+    started = time.perf_counter()
+    got = server.uds.post("/v1/chat/completions", json=chat("What is the shed code?", max_tokens=2))
+    assert got.status_code == 200 and time.perf_counter() - started < 30
