@@ -75,14 +75,27 @@ def main(
         typer.Option("--dtype", help="float32, bfloat16 or float16 [env: MEMLLM_DTYPE; default: float32 on the "
                      "CPU, bfloat16 for MemoryLLM checkpoints on a GPU]."),
     ] = None,
+    no_server: Annotated[
+        bool, typer.Option("--no-server", envvar="MEMLLM_NO_SERVER", help="Run in this process even when a memllm "
+                           "serve of the same MEMLLM_HOME is running [env: MEMLLM_NO_SERVER=1].")
+    ] = False,
     _: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     """memllm writes text into a fixed-size latent memory inside every layer of a language
-    model, and answers questions from it. Memories live under MEMLLM_HOME."""
+    model, and answers questions from it. Memories live under MEMLLM_HOME. When `memllm serve`
+    runs for the same MEMLLM_HOME, ask and status go through it (models stay loaded)."""
     ctx.obj = {"memory": memory, "model": model, "device": device, "dtype": dtype}
+    ctx.meta["no_server"] = no_server
     _log_to_stderr()
+
+
+def remote(ctx: typer.Context):
+    """The running server of this home, if the command should go through it (server/client.py)."""
+    from ..server.client import connect
+
+    return connect(ctx.obj, ctx.meta.get("no_server", False))
 
 
 def service(ctx: typer.Context, **options):

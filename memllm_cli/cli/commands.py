@@ -3,6 +3,7 @@ export, import. Each parses flags, makes one call into the service, renders the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sys
@@ -14,7 +15,8 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError, StoreError, Ungrounded, UsageError
-from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, service
+from ..server.client import ServerGone
+from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, remote, service
 from .render import disk_size, emit, err, interactive, progress_for, safe, show, size, table
 
 
@@ -142,18 +144,28 @@ def ask(
         if sys.stdin is None:
             raise InputError("- means standard input, but it is closed")
         question = sys.stdin.read()
-    answer = service(ctx).ask(
-        question, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        budget=budget,
-    )
+    options = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, budget=budget)
+    server = remote(ctx)
+    answer = server.ask(question, max_tokens=max_tokens, **options) if server else None
+    if answer is not None:
+        try:
+            first = next(iter_answer := iter(answer), None)  # a server that went: run in-process instead
+        except ServerGone as gone:
+            err(f"memllm: {gone.message}; running in-process")
+            answer = None
+    if answer is None:
+        answer = service(ctx).ask(question, max_new_tokens=max_tokens, **options)
+        iter_answer = iter(answer)
+        first = next(iter_answer, None)
+    pieces = [] if first is None else [first]
     if as_json:
-        for _ in answer:
+        for _ in iter_answer:
             pass
         emit(answer.to_dict(), True, print)
         _grounded(answer, strict)
         return
     ended_with_newline = True
-    for piece in answer:
+    for piece in itertools.chain(pieces, iter_answer):
         sys.stdout.write(piece)
         sys.stdout.flush()
         ended_with_newline = piece.endswith("\n")
@@ -193,7 +205,12 @@ def status(
       memllm status
       memllm -m work status --json
     """
-    info = service(ctx).status()
+    server = remote(ctx)
+    try:
+        info = server.status() if server else service(ctx).status()
+    except ServerGone as gone:
+        err(f"memllm: {gone.message}; running in-process")
+        info = service(ctx).status()
 
     def text() -> None:
         show(f"memory [bold]{info['memory']}[/] ({info['kind']}), model {info['model']}\n"

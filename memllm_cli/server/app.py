@@ -98,6 +98,7 @@ class AskRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     budget: int | None = Field(default=None, ge=0)
+    stream: bool = Field(default=False, description='server-sent events: {"piece"} each, then {"done": answer}')
 
 
 class TextDocument(BaseModel):
@@ -167,9 +168,11 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
     @app.exception_handler(MemllmError)
     async def memllm_error(request: Request, err: MemllmError):
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(err, cls)), 500)
-        message = err.message + (f" ({err.hint})" if err.hint else "")
         kind = "not_found_error" if status == 404 else "server_error" if status >= 500 else "invalid_request_error"
-        return JSONResponse(error_body(message, kind, err.exit_code), status_code=status)
+        body = error_body(err.message, kind, err.exit_code)
+        if err.hint:
+            body["error"]["hint"] = err.hint  # what the CLI prints after the message
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
@@ -188,7 +191,9 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
     def existing(name: str):
         found = session(name)
         if not found.repo.exists():
-            raise MemoryNotFound(f"no memory named {name!r}", hint="known: " + ", ".join(hub.memories()) or "none")
+            known = hub.memories()
+            hint = "known memories: " + ", ".join(known) if known else "nothing has been ingested yet"
+            raise MemoryNotFound(f"no memory named {name!r}", hint=hint)
         return found
 
     # -- OpenAI-compatible ---------------------------------------------------------------
@@ -240,14 +245,22 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
         return await run_in_threadpool(lambda: existing(name).status())
 
     @app.post("/api/memories/{name}/ask")
-    async def ask(name: str, body: AskRequest):
-        def run() -> dict:
-            answer = existing(name).ask(body.question, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                                        top_p=body.top_p, top_k=body.top_k, seed=body.seed, budget=body.budget)
-            "".join(answer)
+    async def ask(name: str, body: AskRequest, request: Request):
+        def start():
+            return existing(name).ask(body.question, max_new_tokens=body.max_tokens, temperature=body.temperature,
+                                      top_p=body.top_p, top_k=body.top_k, seed=body.seed, budget=body.budget)
+
+        answer = await run_in_threadpool(start)
+        if not body.stream:
+            await run_in_threadpool(lambda: "".join(answer))
             return answer.to_dict()
 
-        return await run_in_threadpool(run)
+        async def events() -> AsyncIterator[str]:
+            async for piece in pieces(answer, request):
+                yield sse({"piece": piece})
+            yield sse({"done": answer.to_dict()})
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/api/memories/{name}/ingest")
     async def ingest(name: str, request: Request):
