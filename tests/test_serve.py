@@ -261,3 +261,20 @@ def test_the_cli_falls_back_in_process_when_the_server_was_killed(server):
     got = cli(server, "ask", "--max-tokens", "3", "What is the shed code?")
     assert got.returncode == 0 and got.stdout.strip()
     assert "no server answers" in got.stderr and "running in-process" in got.stderr
+
+
+def test_memllm_mcp_goes_through_a_running_server(server):
+    from tests.test_mcp import call
+
+    env = {k: v for k, v in server.env.items() if k != "MEMLLM_MODEL"}
+    tools, remembered, recalled, forgot = call({**env, "MEMLLM_SOCKET": str(server.sock)}, [
+        ("remember", {"text": NOTE, "name": "shed"}),
+        ("recall", {"question": "What is the tool shed code?", "max_tokens": 4}),
+        ("forget", {"name": "shed"}),
+    ])
+    assert not remembered.is_error and not recalled.is_error and not forgot.is_error
+    assert recalled.structured_content["sources"][0]["source"] == "shed"
+    log = server.uds.get("/api/memories/default/log").json()
+    assert [entry["op"] for entry in log] == ["forget", "ingest"]
+    # in-process, memllm mcp would have loaded the embedded model (no MEMLLM_MODEL here)
+    assert server.uds.get("/api/memories/default/status").json()["model"] == server.env["MEMLLM_MODEL"]

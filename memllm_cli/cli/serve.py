@@ -48,3 +48,19 @@ def serve(
         signal.signal(sig, lambda signum, frame: None)
     run_server(settings, listen, key=key, max_model_bytes=disk_size(max_model_ram))
     err("memllm: stopped")
+
+
+@app.command()
+def mcp(ctx: typer.Context) -> None:
+    """Serve a memory to agents over the Model Context Protocol (stdin/stdout), with the tools
+    remember, recall, forget and status. Uses a running memllm serve of the same home, else
+    runs in this process. For Claude Desktop and editors: command "memllm", args ["mcp"]
+    (and "-m", "NAME" for another memory).
+
+    Examples:
+      memllm mcp
+      memllm -m work mcp
+    """
+    from ..server.mcp import run as run_mcp
+
+    run_mcp(ctx.obj, ctx.meta.get("no_server", False))

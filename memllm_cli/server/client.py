@@ -82,6 +82,13 @@ class Remote:
     def status(self) -> dict:
         return self._json(self._call("GET", self._url("status")))
 
+    def ingest_text(self, name: str, text: str) -> dict:
+        body = {"documents": [{"name": name, "text": text}]}
+        return self._json(self._call("POST", self._url("ingest"), json=body))
+
+    def forget(self, sources: list[str]) -> dict:
+        return self._json(self._call("POST", self._url("forget"), json={"sources": sources}))
+
     def ask(self, question: str, **options) -> RemoteAnswer:
         body = {"question": question, "stream": True, **{k: v for k, v in options.items() if v is not None}}
         return RemoteAnswer(self, body)
