@@ -257,7 +257,13 @@ def test_the_cli_goes_through_a_running_server_without_torch(server):
 
 def test_the_cli_falls_back_in_process_when_the_server_was_killed(server):
     ingest(server.uds, **{"a.txt": NOTE})
+    big = " ".join(f"Line {i} of the long notes, about the garden and the shed." for i in range(3000))
+    worker = threading.Thread(target=lambda: pytest.raises(httpx.HTTPError, ingest, server.uds, **{"big.txt": big}))
+    worker.start()
+    time.sleep(1.5)  # in the middle of the ingest
     server.stop(signal.SIGKILL)
+    worker.join(timeout=60)
+    assert Memllm(memory="notes").verify()["ok"]
     got = cli(server, "ask", "--max-tokens", "3", "What is the shed code?")
     assert got.returncode == 0 and got.stdout.strip()
     assert "no server answers" in got.stderr and "running in-process" in got.stderr
@@ -278,3 +284,24 @@ def test_memllm_mcp_goes_through_a_running_server(server):
     assert [entry["op"] for entry in log] == ["forget", "ingest"]
     # in-process, memllm mcp would have loaded the embedded model (no MEMLLM_MODEL here)
     assert server.uds.get("/api/memories/default/status").json()["model"] == server.env["MEMLLM_MODEL"]
+
+
+def test_requests_while_the_model_loads_and_a_question_too_long(server):
+    Memllm(memory="notes").ingest_documents([__import__("memllm_cli.text.sources", fromlist=["Document"])
+                                            .Document.of("a.txt", NOTE)])  # written in-process: the server
+    results = []                                                           # loads the model on first use
+
+    def ask():
+        results.append(server.uds.post("/v1/chat/completions", json=chat("The shed code?", max_tokens=2)).status_code)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 200, 200]
+    for stream in (False, True):  # streamed too: an error response, not a stream cut short
+        long = server.uds.post("/v1/chat/completions", json=chat("why " * 5000, max_tokens=2, stream=stream))
+        assert long.status_code == 400 and long.json()["error"]["code"] == 5
+        assert "exceed the model's window" in long.json()["error"]["message"]
+    assert server.uds.get("/v1/models").status_code == 200

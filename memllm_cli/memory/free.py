@@ -190,7 +190,9 @@ class FreeMemory(Memory):
             tensors, meta = cached
             found = codec.of(meta)
             if all(name in tensors for name in codec.names(found)):
-                return codec.decode(tensors, found)
+                states = codec.decode(tensors, found)
+                if all(bool(torch.isfinite(t).all()) for t in states.values()):
+                    return states  # else damaged: computed again below
         ids = self.library.read_block_ids(digest)
         if not ids:
             raise StoreError(f"evicted block {digest[:12]} keeps no token ids to recompute it from")

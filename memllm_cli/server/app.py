@@ -222,11 +222,13 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
                                  "finish_reason": finish(answer, limit)}],
                     "usage": usage(mem, question, answer), "memllm": extension(answer)}
 
+        stream = await Pieces(answer, request).start()
+
         async def events() -> AsyncIterator[str]:
             chunk = {**head, "object": "chat.completion.chunk"}
             yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}]})
-            async for piece in pieces(answer, request):
+            async for piece in stream:
                 yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
             yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish(answer, limit)}],
                        "usage": usage(mem, question, answer), "memllm": extension(answer)})
@@ -255,8 +257,10 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
             await run_in_threadpool(lambda: "".join(answer))
             return answer.to_dict()
 
+        stream = await Pieces(answer, request).start()
+
         async def events() -> AsyncIterator[str]:
-            async for piece in pieces(answer, request):
+            async for piece in stream:
                 yield sse({"piece": piece})
             yield sse({"done": answer.to_dict()})
 
@@ -339,37 +343,53 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def pieces(answer, request: Request) -> AsyncIterator[str]:
-    """The answer's text pieces, generated in a worker thread; generation stops when the client
-    disconnects (the thread stops at the next token)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    gone = threading.Event()
-    done = object()
+class Pieces:
+    """An answer's text pieces, generated in a worker thread; generation stops when the client
+    disconnects (the thread stops at the next token). `start` waits for the first piece, so
+    an answer that fails at once (a question too long for the window) is an error response,
+    not a stream cut short."""
 
-    def produce() -> None:
+    _done = object()
+
+    def __init__(self, answer, request: Request) -> None:
+        self.answer, self.request = answer, request
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gone = threading.Event()
+        self.first = None
+
+    async def start(self) -> Pieces:
+        loop = asyncio.get_running_loop()
+
+        def produce() -> None:
+            try:
+                for piece in self.answer:
+                    if self.gone.is_set():
+                        break
+                    loop.call_soon_threadsafe(self.queue.put_nowait, piece)
+            except Exception as err:  # noqa: BLE001 - handed to the request (first piece) or logged
+                loop.call_soon_threadsafe(self.queue.put_nowait, err)
+            finally:
+                loop.call_soon_threadsafe(self.queue.put_nowait, self._done)
+
+        threading.Thread(target=produce, name="memllm-generate", daemon=True).start()
+        self.first = await self.queue.get()
+        if isinstance(self.first, Exception):
+            raise self.first
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        item = self.first
         try:
-            for piece in answer:
-                if gone.is_set():
+            while item is not self._done:
+                if isinstance(item, Exception):
+                    log.warning("generation failed: %s", item)
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-        except Exception as err:  # noqa: BLE001 - ends the stream; the client sees it cut short
-            log.warning("generation failed: %s", err)
+                if await self.request.is_disconnected():
+                    break
+                yield item
+                item = await self.queue.get()
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    worker = threading.Thread(target=produce, name="memllm-generate", daemon=True)
-    worker.start()
-    try:
-        while True:
-            piece = await queue.get()
-            if piece is done:
-                break
-            if await request.is_disconnected():
-                break
-            yield piece
-    finally:
-        gone.set()  # a client that went: the worker stops at the next token
+            self.gone.set()  # a client that went: the worker stops at the next token
 
 
 async def ingest_body(request: Request, local: bool) -> tuple[list[Document], list[str], bool, bool]:

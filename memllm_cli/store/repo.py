@@ -311,8 +311,12 @@ class Repo:
         if self.disk_bytes() + len(data) > max_disk:
             return False
         path = self.folder / "recomputed" / f"{block}.safetensors"
-        _private_dir(path.parent)
-        _atomic_write(path, data)
+        try:
+            _private_dir(path.parent)
+            _atomic_write(path, data)
+        except OSError as err:  # a cache: a full or read-only disk only costs the next read a recompute
+            log.debug("cannot cache recomputed block %s: %s", block[:12], err)
+            return False
         return True
 
     def recomputed(self) -> dict[str, int]:
