@@ -64,8 +64,16 @@ def test_max_disk_evicts_long_term_blocks_only(filled, tiny_dir):
     limited = service_with(tiny_dir, max_disk=1)  # below what the pool alone takes: evict all it may
     result = limited.gc()
     evicted = set(filled.repo.evicted())
-    assert evicted and not evicted & keep and set(filled.repo.blocks()) == keep
-    assert result["disk"]["evicted_blocks"] == len(evicted) and "over the budget" in result["disk"]["note"]
+    assert evicted - keep and set(filled.repo.blocks()) <= keep
+    tensors, meta = filled.repo.read_version(filled.repo.head())
+    held = {}
+    for blk, row in zip(tensors["block"].tolist(), tensors["row"].tolist(), strict=True):
+        held.setdefault(meta["blocks"][blk], set()).add(row)
+    for block in keep - set(filled.repo.blocks()):  # a pool block goes only trimmed to the rows the pool holds
+        rows, _, _ = filled.repo.read_kept(block)
+        assert set(rows.tolist()) == held[block]
+    disk = result["disk"]
+    assert disk["evicted_blocks"] + disk.get("trimmed_blocks", 0) == len(evicted) and "over the budget" in disk["note"]
     assert filled.repo.disk_bytes() < before
     assert filled.verify()["ok"] and filled.verify()["checked"]["evicted"] == len(evicted)
     status = limited.status()
@@ -222,3 +230,21 @@ def test_a_rollback_to_a_pool_of_evicted_blocks_reads_them_recomputed(tiny_dir):
     assert len(answer.ids) == 3
     service.ingest_documents(notes(9)[8:])  # writing after it gathers its rows too
     assert service.verify()["ok"]
+
+
+@pytest.mark.parametrize("block_format", ["int4", "float16"])
+def test_pool_blocks_keep_the_rows_the_pool_holds_bit_for_bit(tiny_dir, block_format):
+    service = service_with(tiny_dir, block_format=block_format)
+    service.ingest_documents(notes(12))
+    before = service.load(states=True).pool
+    result = service_with(tiny_dir, max_disk=1).gc()
+    assert result["disk"].get("trimmed_blocks", 0) > 0
+    assert set(service.repo.blocks()) < pinned(service)  # some pool blocks now keep only their held rows
+    after = service.load(states=True).pool
+    assert torch.equal(after.keys, before.keys) and torch.equal(after.values, before.values)
+    assert service.verify()["ok"]
+    service.ingest_documents(notes(14)[12:])  # writing after a trimmed pool gathers its rows exactly
+    assert service.verify()["ok"]
+    trimmed = [p for p in folder(service, "evicted").glob("*.safetensors") if p.stem in pinned(service)]
+    garble(trimmed[0])
+    assert any(trimmed[0].stem[:12] in d for d in service.verify()["damaged"])

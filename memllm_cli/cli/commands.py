@@ -70,9 +70,12 @@ def ingest(
             err(f"memllm: resumed {safe(resumed)} where the stopped ingest left it")
         if report.reused:
             err(f"memllm: {report.reused} chunk(s) already in memory kept, not written again")
-        if report.disk and report.disk["evicted_blocks"]:
-            err(f"memllm: {report.disk['evicted_blocks']} least recently read block(s) evicted to keep within "
-                f"max_disk ({size(report.disk['max_disk'])}): their text stays, recomputed when read")
+        if report.disk and (report.disk["evicted_blocks"] or report.disk.get("trimmed_blocks")):
+            trimmed = report.disk.get("trimmed_blocks", 0)
+            err(f"memllm: {report.disk['evicted_blocks']} least recently read block(s) evicted"
+                + (f" and {trimmed} pool block(s) trimmed to the rows the pool holds" if trimmed else "")
+                + f" to keep within max_disk ({size(report.disk['max_disk'])}): their text stays, recomputed "
+                "when read")
         if report.disk and report.disk.get("note"):
             err(f"memllm: warning: {report.disk['note']}")
         print(f"{report.files} file(s), {report.chunks} chunk(s), {report.tokens} tokens written "
@@ -535,6 +538,7 @@ def gc(
     def text() -> None:
         print(f"{verb} {result['versions_deleted']} versions and {result['blocks_deleted']} blocks"
               + (f", evicted {disk['evicted_blocks']}" if disk.get("evicted_blocks") else "")
+              + (f", trimmed {disk['trimmed_blocks']}" if disk.get("trimmed_blocks") else "")
               + ("" if dry_run else f", {size(result['bytes_freed'])} freed"))
         if disk.get("note"):
             err(f"memllm: warning: {disk['note']}")

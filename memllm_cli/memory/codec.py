@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.quant import dequantize, quantize
+from ..model.quant import dequantize, dequantize_rows, quantize
 
 # The formats a memory can choose (`block_format`); the groups are fixed when a block is
 # written and recorded in it, so changing them here never changes how old blocks read.
@@ -70,6 +70,18 @@ def decode(tensors: dict[str, torch.Tensor], codec: dict | None) -> dict[str, to
     for kv, group, axis in (("keys", codec["key_group"], "tokens"), ("values", codec["value_group"], "channels")):
         out[kv] = dequantize({part: tensors[f"{kv}.{part}"] for part in PARTS}, codec["bits"], group, axis, full)
     return out
+
+
+def decode_rows(tensors: dict[str, torch.Tensor], codec: dict | None, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keys and values of some rows of a block, from those rows of its token-major tensors and,
+    for a quantized block, its whole key scales: bit for bit what `decode` gives those rows."""
+    if codec is None:
+        return {"keys": tensors["keys"], "values": tensors["values"]}
+    keys = dequantize_rows({part: tensors[f"keys.{part}"] for part in PARTS}, codec["bits"], codec["key_group"], rows)
+    count, layers, heads, hd = keys.shape
+    values = dequantize({part: tensors[f"values.{part}"] for part in PARTS}, codec["bits"], codec["value_group"],
+                        "channels", (count, layers, heads, hd))
+    return {"keys": keys, "values": values}
 
 
 def block_codec(name: str, values: torch.Tensor) -> dict | None:

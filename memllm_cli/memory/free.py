@@ -209,6 +209,11 @@ class FreeMemory(Memory):
         quantized ones are decoded whole (their key scales span groups of rows); an evicted
         block's are recomputed."""
         if not self.library.has_block(digest) and self.library.is_evicted(digest):
+            kept = self.library.read_kept(digest)
+            if kept is not None and bool(torch.isin(rows, kept[0]).all()):  # the rows a pool held when evicted
+                at = torch.searchsorted(kept[0], rows)
+                states = codec.decode_rows(kept[1], kept[2], kept[0])
+                return {name: t[at] for name, t in states.items()}
             return {name: t[rows] for name, t in self._recomputed(digest).items()}
         found = codec.of(self.library.block_meta(digest))
         if found is None:
@@ -453,6 +458,14 @@ class FreeMemory(Memory):
             return out, {}
         lost = {meta["blocks"][i] for i in gone}
         return out, {"carried": {d: v for d, v in meta["carried"].items() if d not in lost}}
+
+    @classmethod
+    def held_rows(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, set[int]]:
+        """The rows of each block a stored version's pool holds."""
+        blocks, out = meta.get("blocks", []), {}
+        for blk, row in zip(tensors["block"].tolist(), tensors["row"].tolist(), strict=True):
+            out.setdefault(blocks[blk], set()).add(row)
+        return out
 
     @classmethod
     def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:

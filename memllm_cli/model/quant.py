@@ -59,6 +59,17 @@ def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, sha
     return x.to(dtype)
 
 
+def dequantize_rows(q: dict[str, torch.Tensor], bits: int, group: int, rows: torch.Tensor,
+                    dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Keys (`axis="tokens"`) of some rows of a block: `q` holds those rows' codes and the
+    block's whole scales and minimums (G, L, Hkv, hd); the same values `dequantize` gives them."""
+    codes = q["codes"]
+    if bits == 4:
+        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
+    which = rows // group  # each row's group
+    return (codes.to(torch.float32) * q["scale"].float()[which] + q["min"].float()[which]).to(dtype)
+
+
 def _group_range(x: torch.Tensor, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor]:
     t, layers, heads, hd = x.shape
     if axis == "tokens":

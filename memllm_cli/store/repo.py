@@ -262,24 +262,51 @@ class Repo:
     def is_evicted(self, block: str) -> bool:
         return (self.folder / "evicted" / f"{block}.safetensors").is_file()
 
-    def evict_block(self, block: str) -> int:
+    def evict_block(self, block: str, keep_rows: list[int] | None = None) -> int:
         """Replace a stored block by its token ids and metadata (written first, so one of the
-        two is always there); returns the bytes freed."""
+        two is always there); returns the bytes freed. With `keep_rows` (sorted), the stub also
+        keeps those rows of every token-major tensor, and the other tensors whole (a quantized
+        block's key scales), so the rows a pool holds still read back exactly."""
         path = self._object("blocks", block)
         size = path.stat().st_size
         ids = self.read_block_ids(block)
         if ids is None:
             raise StoreError(f"block {block[:12]} keeps no token ids: it cannot be recomputed, so it is not evicted")
         tensor = torch.tensor(ids, dtype=torch.int32)
-        meta = {**self.block_meta(block), "evicted": {"time": now(), "bytes": size,
-                                                      "ids_sha256": _ids_digest(tensor)}}
-        meta.pop("codec", None)  # it has no keys and values to decode
+        meta = self.block_meta(block)
+        codec = meta.pop("codec", None)  # a stub has no whole keys and values to decode
+        tensors = {"ids": tensor}
+        evicted = {"time": now(), "bytes": size, "ids_sha256": _ids_digest(tensor)}
+        if keep_rows is not None:
+            rows = torch.tensor(keep_rows, dtype=torch.int64)
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name != "ids":
+                        t = f.get_tensor(name)
+                        tensors[f"kept.{name}"] = t[rows] if len(t) == len(ids) else t
+            tensors["kept.rows"] = rows
+            evicted.update(rows=len(keep_rows), kept_sha256=_kept_digest(tensors), kept_codec=codec)
         stub = self.folder / "evicted" / f"{block}.safetensors"
         _private_dir(stub.parent)
-        _atomic_write(stub, save({"ids": tensor}, metadata={"memllm": json.dumps(meta)}))
+        _atomic_write(stub, save(tensors, metadata={"memllm": json.dumps({**meta, "evicted": evicted})}))
         path.unlink()
         _fsync_dir(path.parent)
         return size - stub.stat().st_size
+
+    def read_kept(self, block: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None] | None:
+        """The rows an evicted block kept (sorted), their tensors (names as in the block) and the
+        block's codec; None when it kept none."""
+        path = self.folder / "evicted" / f"{block}.safetensors"
+        try:
+            with safe_open(path, framework="pt") as f:
+                if "kept.rows" not in f.keys():
+                    return None
+                meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
+                tensors = {name.removeprefix("kept."): f.get_tensor(name) for name in f.keys()
+                           if name.startswith("kept.")}
+        except (OSError, SafetensorError, json.JSONDecodeError):
+            return None
+        return tensors.pop("rows"), tensors, (meta.get("evicted") or {}).get("kept_codec")
 
     def _stub_tokens(self, block: str) -> int:
         """The tokens of an evicted block, checked: its ids must hash to what eviction recorded."""
@@ -290,8 +317,14 @@ class Repo:
                 ids = f.get_tensor("ids")
         except (OSError, SafetensorError, json.JSONDecodeError) as err:
             raise StoreError(f"evicted block {block[:12]}: unreadable: {err}") from None
-        if _ids_digest(ids) != (meta.get("evicted") or {}).get("ids_sha256"):
+        evicted = meta.get("evicted") or {}
+        if _ids_digest(ids) != evicted.get("ids_sha256"):
             raise StoreError(f"evicted block {block[:12]}: its token ids no longer match their checksum")
+        if "kept_sha256" in evicted:
+            with safe_open(path, framework="pt") as f:
+                kept = {name: f.get_tensor(name) for name in f.keys() if name.startswith("kept.")}
+            if _kept_digest(kept) != evicted["kept_sha256"]:
+                raise StoreError(f"evicted block {block[:12]}: the rows it kept no longer match their checksum")
         return len(ids)
 
     def read_recomputed(self, block: str) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -892,6 +925,15 @@ def _known(names: list[str], what: str = "memories") -> str:
 
 def _ids_digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _kept_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the kept tensors (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k in tensors if k.startswith("kept.")):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _private_dir(path: Path) -> None:
