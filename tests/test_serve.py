@@ -286,10 +286,12 @@ def test_memllm_mcp_goes_through_a_running_server(server):
     assert server.uds.get("/api/memories/default/status").json()["model"] == server.env["MEMLLM_MODEL"]
 
 
-def test_requests_while_the_model_loads_and_a_question_too_long(server):
-    Memllm(memory="notes").ingest_documents([__import__("memllm_cli.text.sources", fromlist=["Document"])
-                                            .Document.of("a.txt", NOTE)])  # written in-process: the server
-    results = []                                                           # loads the model on first use
+def test_requests_while_the_model_loads_and_a_question_too_long(server, tiny_dir):
+    from memllm_cli.text.sources import Document
+
+    # written in-process: the server loads the model when the three requests below arrive together
+    Memllm(memory="notes", model=str(tiny_dir)).ingest_documents([Document.of("a.txt", NOTE)])
+    results = []
 
     def ask():
         results.append(server.uds.post("/v1/chat/completions", json=chat("The shed code?", max_tokens=2)).status_code)
@@ -304,4 +306,66 @@ def test_requests_while_the_model_loads_and_a_question_too_long(server):
         long = server.uds.post("/v1/chat/completions", json=chat("why " * 5000, max_tokens=2, stream=stream))
         assert long.status_code == 400 and long.json()["error"]["code"] == 5
         assert "exceed the model's window" in long.json()["error"]["message"]
+    assert server.uds.get("/v1/models").status_code == 200
+
+
+def test_cli_ingest_goes_through_the_server_with_the_same_report(server, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "shed.md").write_text(NOTE)
+    (tmp_path / "notes" / "bees.md").write_text("Bees live by the north wall.")
+
+    def run(*args, memory, stdin=None):
+        done = subprocess.run([sys.executable, "-c", PROBE, "-m", memory, *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, input=stdin,
+                              env={**server.env, "MEMLLM_SOCKET": str(server.sock)})
+        return done
+
+    through = run("ingest", "--json", "notes", memory="a")  # a relative path: the client's directory
+    alone = run("--no-server", "ingest", "--json", "notes", memory="b")
+    assert through.returncode == alone.returncode == 0, through.stderr + alone.stderr
+    assert "no torch" in through.stderr and "torch imported" in alone.stderr
+    drop = ("seconds", "memory")
+    assert {k: v for k, v in json.loads(through.stdout).items() if k not in drop} == \
+        {k: v for k, v in json.loads(alone.stdout).items() if k not in drop}
+    again = run("ingest", "notes", memory="a")
+    assert again.returncode == 0 and "2 unchanged" in again.stderr
+    piped = run("ingest", "--name", "git-log", "-", memory="a", stdin="commit 1: the gate is painted green\n")
+    assert piped.returncode == 0
+    names = {s["name"] for s in server.uds.get("/api/memories/a/status").json()["sources"]}
+    assert "git-log" in names and str((tmp_path / "notes" / "shed.md").resolve()) in names
+    missing = run("ingest", "nowhere.md", memory="a")
+    assert missing.returncode == 3 and "no such file" in missing.stderr
+    assert run("--no-server", "ingest", "nowhere.md", memory="a").returncode == 3
+
+
+def test_ctrl_c_stops_an_ingest_in_the_server_at_a_chunk_boundary(server, tmp_path):
+    ingest(server.uds, **{"a.txt": NOTE})
+    big = tmp_path / "big.txt"
+    big.write_text("\n\n".join(f"Paragraph {i}: the garden, the shed and the bees, again and again." * 4
+                               for i in range(1500)))
+    proc = subprocess.Popen([sys.executable, "-c", PROBE, "-m", "notes", "ingest", "--json", str(big)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**server.env, "MEMLLM_SOCKET": str(server.sock)})
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert json.loads(out)["interrupted"] == "SIGINT" and "stopping at the next chunk boundary" in err
+    assert server.uds.get("/v1/models").status_code == 200  # the server goes on
+    assert Memllm(memory="notes").verify()["ok"]
+    status = server.uds.get("/api/memories/notes/status").json()
+    assert any(s.get("partial") for s in status["sources"])  # committed in part; the same command resumes it
+
+
+def test_unknown_paths_and_chunked_bodies_over_the_limit(server):
+    missing = server.uds.get("/v2/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+    def chunks():
+        for _ in range(17):
+            yield b"x" * (1 << 20)
+
+    big = server.uds.post("/api/memories/notes/ingest?name=big.txt", content=chunks(),
+                          headers={"content-type": "text/plain"})
+    assert big.status_code == 413 and "error" in big.json()
     assert server.uds.get("/v1/models").status_code == 200

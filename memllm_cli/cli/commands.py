@@ -46,14 +46,23 @@ def ingest(
       memllm ingest --sync ~/notes          (in cron: a no-op when nothing changed)
       git log -5 | memllm -m work ingest --name git-log -
     """
-    from ..service.session import Stop
-
-    progress = progress_for(as_json, quiet)
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
-    stop = Stop()
-    with stop_at_chunk_boundary(stop):
-        report = service(ctx, max_disk=disk_size(max_disk)).ingest(paths, stdin=stdin, name=name, force=force,
-                                                                   sync=sync, progress=progress, stop=stop)
+    server = remote(ctx) if max_disk is None else None  # a disk budget of its own: in-process
+    if server is not None:
+        if interactive() and not (quiet or as_json):
+            err("memllm: writing through memllm serve (no progress bar); Ctrl-C stops at a chunk boundary")
+        stop = _RemoteStop(server)
+        with stop_at_chunk_boundary(stop):
+            data = stdin.read() if "-" in paths and stdin is not None else None
+            report = server.ingest(paths, stdin=data, name=name, force=force, sync=sync)
+    else:
+        from ..service.session import Stop
+
+        progress = progress_for(as_json, quiet)
+        stop = Stop()
+        with stop_at_chunk_boundary(stop):
+            report = service(ctx, max_disk=disk_size(max_disk)).ingest(paths, stdin=stdin, name=name, force=force,
+                                                                       sync=sync, progress=progress, stop=stop)
     for skipped in report.skipped:
         err(f"memllm: skipped {safe(skipped['path'])}: {skipped['reason']}")
     for warning in report.warnings:
@@ -87,6 +96,24 @@ def ingest(
         err(f"memllm: stopped by {report.interrupted} at a chunk boundary; what was written is committed: "
             "run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED if report.interrupted == "SIGINT" else EXIT_TERMINATED)
+
+
+class _RemoteStop:
+    """A stop request for an ingest that runs in memllm serve: passed on to the server."""
+
+    armed = True
+
+    def __init__(self, server) -> None:
+        self.server, self._requested = server, None
+
+    @property
+    def requested(self) -> str | None:
+        return self._requested
+
+    @requested.setter
+    def requested(self, value: str) -> None:
+        self._requested = value
+        self.server.stop(value)
 
 
 @contextmanager

@@ -23,6 +23,9 @@ the store) runs in worker threads; a streamed answer stops generating when its c
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
+import io
 import json
 import logging
 import os
@@ -37,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     Busy,
@@ -108,9 +112,17 @@ class TextDocument(BaseModel):
 
 class IngestRequest(BaseModel):
     documents: list[TextDocument] = Field(default_factory=list)
-    paths: list[str] = Field(default_factory=list, description="files on the server's disk (local socket only)")
+    paths: list[str] = Field(default_factory=list, description="files, folders or globs on the server's disk, "
+                             "absolute (local socket only); '-' is `stdin`")
+    stdin_base64: str | None = Field(default=None, description="the bytes '-' in paths stands for, base64")
+    name: str | None = Field(default=None, description="the name of stdin's document")
     force: bool = False
     sync: bool = False
+    id: str | None = Field(default=None, description="names the ingest for POST /api/ingests/{id}/stop")
+
+
+class StopRequest(BaseModel):
+    signal: str = "SIGINT"
 
 
 class SnapshotRequest(BaseModel):
@@ -135,7 +147,7 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
     the Unix socket); `local(request)`: whether a request came over the Unix socket."""
     app = FastAPI(title="memllm", summary="A language model's memory that keeps learning (MemoryLLM)")
     local = local or (lambda request: False)
-    stops: dict[int, Stop] = {}  # ingests in flight: shutdown asks them to stop at a chunk boundary
+    stops: dict[str, Stop] = {}  # ingests in flight: shutdown asks them to stop at a chunk boundary
     app.state.stops = stops
 
     @app.middleware("http")
@@ -143,23 +155,28 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
         started = time.perf_counter()
         try:
             if api_key is not None and not local(request):
-                if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                sent = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
                     raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
                                    "invalid_api_key")
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY:
                 raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
             response = await call_next(request)
-        except ApiError as err:
-            response = JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
-        except Exception as err:  # noqa: BLE001 - a bug: one line here, the client gets a 500, the server goes on
-            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err,
-                      exc_info=bool(os.environ.get("MEMLLM_DEBUG")))
-            response = JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"),
-                                    status_code=500)
+        except Exception as raised:  # noqa: BLE001 - an ApiError (maybe in a task group), else a bug: a 500
+            err = api_error_in(raised)
+            if err is not None:
+                response = JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
+            else:  # one line here, the client gets a 500, the server goes on
+                log.error("%s %s failed: %s: %s", request.method, request.url.path, type(raised).__name__, raised,
+                          exc_info=bool(os.environ.get("MEMLLM_DEBUG")))
+                response = JSONResponse(error_body(f"internal error: {type(raised).__name__}: {raised}",
+                                                   "server_error"), status_code=500)
         log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code,
                  time.perf_counter() - started)
         return response
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY)  # outermost: counts what the handlers read
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -173,6 +190,11 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
         if err.hint:
             body["error"]["hint"] = err.hint  # what the CLI prints after the message
         return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(err.detail), kind, err.status_code), status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
@@ -268,19 +290,34 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
 
     @app.post("/api/memories/{name}/ingest")
     async def ingest(name: str, request: Request):
-        documents, paths, force, sync = await ingest_body(request, local(request))
+        body = await ingest_body(request, local(request))
         stop = Stop()
-        stops[id(stop)] = stop
+        key = body.id or f"ingest-{id(stop)}"
+        if key in stops:
+            raise ApiError(409, f"an ingest named {key!r} is running", param="id")
+        stops[key] = stop
         try:
             def run() -> dict:
                 target = session(name)
-                if paths:
-                    return target.ingest(paths, force=force, sync=sync, stop=stop).to_dict()
-                return target.ingest_documents(documents, force=force, sync=sync, stop=stop).to_dict()
+                if body.paths:
+                    stdin = io.BytesIO(base64.b64decode(body.stdin_base64)) if body.stdin_base64 is not None else None
+                    return target.ingest(body.paths, stdin=stdin, name=body.name, force=body.force, sync=body.sync,
+                                         stop=stop).to_dict()
+                documents = [Document.of(d.name, d.text) for d in body.documents]
+                return target.ingest_documents(documents, force=body.force, sync=body.sync, stop=stop).to_dict()
 
             return await run_in_threadpool(run)
         finally:
-            stops.pop(id(stop), None)
+            stops.pop(key, None)
+
+    @app.post("/api/ingests/{key}/stop")
+    async def stop_ingest(key: str, body: StopRequest):
+        """Ask a running ingest to stop at its next chunk boundary and commit (what Ctrl-C does)."""
+        stop = stops.get(key)
+        if stop is None:
+            raise ApiError(404, f"no ingest named {key!r} is running", "not_found_error")
+        stop.requested = stop.requested or body.signal
+        return {"stopping": key}
 
     @app.get("/api/memories/{name}/log")
     async def history(name: str, limit: int | None = None):
@@ -310,6 +347,42 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+def api_error_in(raised: BaseException) -> ApiError | None:
+    """The ApiError raised, also from inside the exception groups of the middleware's tasks."""
+    if isinstance(raised, ApiError):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        for inner in raised.exceptions:
+            if (found := api_error_in(inner)) is not None:
+                return found
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes, declared or sent in chunks, is a 413 (an
+    ApiError raised while the handler reads it, so the guard answers in OpenAI's shape)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
+            return message
+
+        await self.app(scope, counted, send)
+
 
 def last_user_message(messages: list[Message]) -> str:
     for message in reversed(messages):
@@ -392,28 +465,27 @@ class Pieces:
             self.gone.set()  # a client that went: the worker stops at the next token
 
 
-async def ingest_body(request: Request, local: bool) -> tuple[list[Document], list[str], bool, bool]:
-    """Documents from a JSON body ({documents: [{name, text}], paths, force, sync}), a text/plain
-    body (?name=), or multipart files. Paths on the server's disk only over the local socket."""
+async def ingest_body(request: Request, local: bool) -> IngestRequest:
+    """An ingest: a JSON body (IngestRequest), a text/plain body (?name=), or multipart files.
+    Paths on the server's disk only over the local socket."""
     kind = request.headers.get("content-type", "").split(";")[0].strip()
     query = request.query_params
-    flag = lambda key: query.get(key, "").lower() in ("1", "true", "yes")  # noqa: E731
+    force = query.get("force", "").lower() in ("1", "true", "yes")
     if kind == "multipart/form-data":
         form = await request.form()
         documents = []
         for field, value in form.multi_items():
             if hasattr(value, "read"):
-                data = await value.read()
-                documents.append(decoded(value.filename or field, data))
+                documents.append(decoded(value.filename or field, await value.read()))
         if not documents:
             raise ApiError(400, "the multipart body has no files", param="files")
-        return documents, [], flag("force"), False
+        return IngestRequest(documents=documents, force=force)
     if kind in ("text/plain", "text/markdown"):
         name = query.get("name")
         if not name:
             raise ApiError(400, "a text/plain ingest needs ?name=NAME (a later ingest under it replaces it)",
                            param="name")
-        return [decoded(name, await request.body())], [], flag("force"), False
+        return IngestRequest(documents=[decoded(name, await request.body())], force=force)
     try:
         body = IngestRequest.model_validate_json(await request.body())
     except ValueError as err:
@@ -424,14 +496,16 @@ async def ingest_body(request: Request, local: bool) -> tuple[list[Document], li
                        "permission_error", param="paths")
     if not body.documents and not body.paths:
         raise ApiError(400, "nothing to ingest: give documents or paths", param="documents")
-    return [Document.of(d.name, d.text) for d in body.documents], body.paths, body.force, body.sync
+    if body.paths and body.documents:
+        raise ApiError(400, "give documents or paths, not both", param="paths")
+    return body
 
 
-def decoded(name: str, data: bytes) -> Document:
+def decoded(name: str, data: bytes) -> TextDocument:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, f"{name}: not UTF-8 text", param="body") from None
     if not text.strip():
         raise ApiError(400, f"{name}: empty", param="body")
-    return Document.of(name, text)
+    return TextDocument(name=name, text=text)

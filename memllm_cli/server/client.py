@@ -10,9 +10,11 @@ the command runs in-process.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,27 @@ class Remote:
     def status(self) -> dict:
         return self._json(self._call("GET", self._url("status")))
 
+    def ingest(self, paths: list[str], *, stdin: bytes | None = None, name: str | None = None,
+               force: bool = False, sync: bool = False) -> RemoteReport:
+        """`memllm ingest` on the server: paths made absolute here (the server reads them, over
+        the local socket only), stdin sent as bytes. `stop` asks it to stop at a chunk boundary."""
+        here = os.getcwd()
+        absolute = [p if p == "-" else os.path.join(here, os.path.expanduser(p)) for p in paths]
+        self.ingest_id = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        body = {"paths": absolute, "name": name, "force": force, "sync": sync, "id": self.ingest_id,
+                "stdin_base64": base64.b64encode(stdin).decode() if stdin is not None else None}
+        return RemoteReport(self._json(self._call("POST", self._url("ingest"), json=body)))
+
+    def stop(self, signal_name: str) -> None:
+        """Ask the running ingest to stop at its next chunk boundary (from a signal handler:
+        on a connection of its own)."""
+        with self._httpx.Client(transport=self._httpx.HTTPTransport(uds=str(self.path)), base_url="http://memllm",
+                                timeout=5.0) as other:
+            try:
+                other.post(f"/api/ingests/{self.ingest_id}/stop", json={"signal": signal_name})
+            except self._httpx.HTTPError:
+                pass  # the ingest ended meanwhile, or the server went: the answer says which
+
     def ingest_text(self, name: str, text: str) -> dict:
         body = {"documents": [{"name": name, "text": text}]}
         return self._json(self._call("POST", self._url("ingest"), json=body))
@@ -110,6 +133,19 @@ class Remote:
 def raise_error(data: dict):
     error = data.get("error", {}) if isinstance(data, dict) else {}
     raise BY_EXIT.get(error.get("code"), MemllmError)(error.get("message", "the server failed"), hint=error.get("hint"))
+
+
+class RemoteReport(dict):
+    """An ingest report from the server, read like service.session.IngestReport."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict:
+        return dict(self)
 
 
 class RemoteAnswer:
