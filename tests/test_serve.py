@@ -369,3 +369,23 @@ def test_unknown_paths_and_chunked_bodies_over_the_limit(server):
                           headers={"content-type": "text/plain"})
     assert big.status_code == 413 and "error" in big.json()
     assert server.uds.get("/v1/models").status_code == 200
+
+
+@pytest.mark.slow
+def test_the_embedded_model_through_the_server_answers_as_in_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEMLLM_CACHE", raising=False)  # the converted embedded model is shared between tests
+    root = Path(__file__).resolve().parents[1]
+    notes = (root / "examples" / "garden-notes.md").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "MEMLLM_MODEL"}
+    started = Server(tmp_path / "home", Path("unused"), tmp_path / "e.sock", env={"MEMLLM_MODEL": ""})
+    try:
+        ingest(started.uds, **{"garden-notes.md": notes})
+        got = started.uds.post("/v1/chat/completions", json=chat("What is the tool shed code?", max_tokens=24))
+        answer = got.json()["choices"][0]["message"]["content"]
+        assert "4172" in answer
+        done = subprocess.run([sys.executable, "-m", "memllm_cli", "--no-server", "-m", "notes", "ask", "--max-tokens",
+                               "24", "What is the tool shed code?"], capture_output=True, text=True, timeout=600,
+                              env={**env, "MEMLLM_HOME": str(tmp_path / "home")})
+        assert done.stdout.strip() == answer
+    finally:
+        started.stop()
