@@ -21,6 +21,13 @@ TOPICS = ["The tool shed code is 4417.", "Compost bins stand behind the shed.", 
           "The pond was dug in 2019.", "Seeds are kept in the blue cabinet."]
 
 
+@pytest.fixture(autouse=True)
+def same_drops(monkeypatch):
+    """Every memory here drops the same tokens in every run (which blocks the pool still holds
+    depends on the drops)."""
+    monkeypatch.setattr("memllm_cli.memory.free.secrets.randbits", lambda bits: 7)
+
+
 def notes(count=8, repeat=14):
     return [Document.of(f"n{i}.txt", " ".join([TOPICS[i % len(TOPICS)] + f" Note {i}."] * repeat))
             for i in range(count)]
