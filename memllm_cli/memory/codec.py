@@ -4,8 +4,7 @@ A block's metadata names its codec (`"codec": {"bits", "key_group", "value_group
 block without one is float16, as every block written before compact blocks is, so a memory
 may mix formats and old memories read as they always did. Quantized blocks hold KIVI-style
 codes (model/quant.py): keys per channel over groups of `key_group` tokens, values per token
-over groups of `value_group` channels of a layer. A block records the groups it was written
-with, fitted to its size (`resolved`).
+over groups of `value_group` channels of a layer.
 
     tensors of a float16 block:   keys, values (T, L, Hkv, hd) in the memory's dtype, ids (T,)
     tensors of a quantized block: keys.codes, keys.scale, keys.min, values.codes,
@@ -91,18 +90,7 @@ def block_codec(name: str, values: torch.Tensor) -> dict | None:
 
 def resolved(codec: dict | None, values: torch.Tensor) -> dict | None:
     """The codec with its groups fitted to these values (T, L, Hkv, hd)."""
-    if codec is None:
-        return None
-    return {**codec, "key_group": _key_group(codec["key_group"], len(values)),
-            "value_group": _value_group(codec, values)}
-
-
-def _key_group(group: int, tokens: int) -> int:
-    """Tokens per key scale: the block cut into about tokens / group equal groups, so that no
-    block ends in a group of a few tokens that costs a whole group's scales (a 130-token note:
-    one group of 130, not 128 and 2). Recorded in the block, so it reads as written."""
-    count = max(1, round(tokens / group))
-    return -(-tokens // count)
+    return None if codec is None else {**codec, "value_group": _value_group(codec, values)}
 
 
 def _value_group(codec: dict, values: torch.Tensor) -> int:
