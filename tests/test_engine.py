@@ -108,8 +108,3 @@ def test_window_overflow_is_a_clear_error():
     engine = MemoryModel(tiny_model(max_position_embeddings=64))
     with pytest.raises(ModelError, match="exceed the model's window of 64"):
         engine.forward(ids(40, 1), engine.encode(ids(30, 2)))
-
-
-def test_sliding_window_models_are_refused():
-    with pytest.raises(ModelError, match="sliding-window"):
-        MemoryModel(tiny_model("mistral", sliding_window=16))

@@ -94,6 +94,30 @@ def test_a_memory_refuses_another_model(tiny_dir, other_tiny_dir):
         Memllm(model=str(other_tiny_dir)).ingest_documents([doc("b", "other text")])
 
 
+def test_a_memory_belongs_to_the_weights_not_to_the_compute_dtype(tiny_dir, other_tiny_dir):
+    Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])  # float32
+    in_bf16 = Memllm(model=str(tiny_dir), dtype="bfloat16")
+    answer = in_bf16.ask("Who coordinates?", max_new_tokens=4)
+    assert len(list(answer)) >= 1 and len(answer.ids) == 4
+    in_bf16.ingest_documents([doc("b", "The tool shed code is 4172. " * 5)])
+    assert Memllm(model=str(tiny_dir)).status()["updates"] == 2  # and back in float32
+    with pytest.raises(ModelError, match="was written by model"):
+        Memllm(model=str(other_tiny_dir), dtype="bfloat16").ask("who?")
+
+
+def test_the_load_time_check_is_remembered_per_weights_and_dtype(tiny_dir, tmp_path):
+    from memllm_cli.model.loading import load_model
+
+    cache = tmp_path / "cache"
+    for dtype in ("float32", "bfloat16"):
+        load_model(str(tiny_dir), cache_dir=cache, dtype=dtype)
+    records = sorted(p.name.rsplit("-", 1)[1] for p in (cache / "checks").glob("*.json"))
+    assert records == ["bfloat16.json", "float32.json"]
+    for path in (cache / "checks").glob("*.json"):
+        path.write_text("{damaged")  # a damaged record: checked again, not trusted
+    assert load_model(str(tiny_dir), cache_dir=cache).engine.check_error is not None
+
+
 def test_the_memory_remembers_its_model(tiny_dir):
     Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])
     service = Memllm()  # no model named: the memory's own, not the embedded default

@@ -98,12 +98,12 @@ class FreeMemory(Memory):
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
                dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> FreeMemory:
         engine = lm.engine
-        window = engine.max_positions - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
+        window = engine.pool_window - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
         pool_size = pool_size if pool_size is not None else min(DEFAULT_POOL_SIZE, window)
         if not CHUNK_TOKENS <= pool_size <= window:
             raise ModelError(
                 f"a pool of {pool_size} tokens does not fit: it must hold one chunk ({CHUNK_TOKENS}) "
-                f"and leave room for a question in the model's window ({engine.max_positions})",
+                f"and leave room for a question in the model's window ({engine.pool_window})",
                 hint=f"choose a pool_size between {CHUNK_TOKENS} and {window}",
             )
         if write_context is None:
@@ -381,6 +381,13 @@ class FreeMemory(Memory):
         context = None
         idx = recall.index(self, lm.tokenizer)
         read: list[recall.Candidate] = []
+        if budget and (window := lm.engine.sliding_window):
+            # sliding-window layers see only the last `window` positions: read what fits, so that
+            # every layer sees all of it when the answer starts
+            cap = max(1, window - len(lm.prompt.sink_ids(lm.tokenizer)) - len(ids))
+            if cap < budget:
+                info["read_cap"] = {"tokens": cap, "why": f"the model's sliding window of {window} tokens"}
+                budget = cap
         if budget and len(idx):
             read = recall.select(idx, question, budget)
             engine = lm.engine

@@ -19,7 +19,9 @@ positions at read time with one elementwise rotation per token, and costs no pro
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -28,35 +30,67 @@ from ..errors import ModelError
 from .pool import Pool
 from .sampling import pick
 
+ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention"})
+PROBE_TOKENS = 12  # tokens of the load-time check (see `check`)
+PROBE_SHIFT = 37  # positions the check moves them by
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+@dataclass(frozen=True)
+class Layout:
+    """How each layer places a token: by a rotary embedding (of which layer type, for models
+    with one per type), or not at all (layers without positions store keys as they are)."""
+
+    rope: tuple[str | None, ...]  # per layer: "" rotary, a layer type's rotary, or None (no positions)
+
+    def groups(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, kind in enumerate(self.rope):
+            if kind is not None:
+                out.setdefault(kind, []).append(i)
+        return out
+
+    def to_json(self) -> list:
+        return list(self.rope)
+
+    @classmethod
+    def from_json(cls, data: list) -> Layout:
+        return cls(tuple(data))
 
 
 class MemoryModel:
-    """Wraps a Hugging Face causal LM to read from and write to a token pool."""
+    """Wraps a Hugging Face causal LM to read from and write to a token pool.
 
-    def __init__(self, model, *, device: str | torch.device = "cpu") -> None:
+    Per-layer differences are honoured, not assumed away: each layer's keys are un-rotated
+    with that layer's rotary embedding (partial rotary rotates only its part, through the
+    model's own `apply_rotary_pos_emb`), layers without positions store keys as they are,
+    and sliding-window layers see what they would see in a prompt. Which layers rotate is
+    measured at load (`check`): a model whose keys cannot be moved exactly is refused.
+    """
+
+    def __init__(self, model, *, device: str | torch.device = "cpu", layout: Layout | None = None) -> None:
         config = model.config.get_text_config(decoder=True)
-        inner = getattr(model, "model", None)
+        inner = getattr(model, "base_model", None)
         rotary = getattr(inner, "rotary_emb", None)
-        if rotary is None or not hasattr(inner, "layers"):
+        layers = getattr(inner, "layers", None) or getattr(inner, "h", None)
+        module = sys.modules.get(type(model).__module__)
+        apply = getattr(module, "apply_rotary_pos_emb", None)
+        if rotary is None or layers is None or apply is None:
             raise ModelError(
-                f"{type(model).__name__} is not a decoder-only model with rotary positions",
-                hint="use a Llama, Mistral, Qwen2 or similar model",
+                f"{config.model_type} is not a decoder-only model with rotary positions",
+                hint="see docs/models.md for the families memllm reads exactly",
             )
-        if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        if getattr(config, "kv_lora_rank", None):
             raise ModelError(
-                f"{config.model_type} rotates only part of each head (partial_rotary_factor "
-                f"{config.partial_rotary_factor}); memllm needs fully rotary heads"
+                f"{config.model_type} uses multi-head latent attention: its cache holds compressed keys and "
+                "values, not per-head tokens memllm can move",
+                hint="see docs/models.md for the families memllm reads exactly",
             )
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            # A sliding window would hide most of the pool from every layer.
+        types = list(getattr(config, "layer_types", None) or [])
+        if odd := sorted(set(types) - ATTENTION_LAYERS):
             raise ModelError(
-                f"{config.model_type} uses sliding-window attention ({config.sliding_window} tokens)",
-                hint="set sliding_window to null in the model's config.json",
+                f"{config.model_type} has layers that are not attention ({', '.join(odd)}): "
+                "their state is not a set of tokens a pool can hold",
+                hint="see docs/models.md for the families memllm reads exactly",
             )
         self.model = model.eval()
         self.device = torch.device(device)
@@ -65,30 +99,145 @@ class MemoryModel:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.max_positions = getattr(config, "max_position_embeddings", None) or 2048
         self.dtype = next(model.parameters()).dtype
+        self.layer_types = types or ["full_attention"] * self.layers
+        window = getattr(config, "sliding_window", None)
+        if not types and window and getattr(config, "use_sliding_window", True):
+            self.layer_types = ["sliding_attention"] * self.layers  # Mistral-style: every layer slides
+        # the smallest window of any sliding layer (None: every layer sees the whole context)
+        self.max_positions = self._positions(config, rotary)
+        sliding = window and "sliding_attention" in self.layer_types and window < self.max_positions
+        self.sliding_window = window if sliding else None
         self._rotary = rotary
+        self._apply = apply
+        self._split: bool | None = None  # measured on first use (_turn_group)
+        # rotary modules with one embedding per layer type (Gemma 3: local and global)
+        self._typed = "layer_type" in inspect.signature(rotary.forward).parameters and \
+            bool(getattr(rotary, "layer_types", None))
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.check_error: float | None = None  # relative logit error the load-time check measured
+        self.layout = layout or Layout(tuple(self._rope_kind(i) for i in range(self.layers)))
+        if layout is None:
+            self.layout = self.check()
+
+    @staticmethod
+    def _positions(config, rotary) -> int:
+        """The positions a context may use: the model's window, or, for RoPE variants whose
+        frequencies change with the length (dynamic, longrope), the length they were trained
+        at, beyond which keys written earlier would have been rotated differently."""
+        positions = getattr(config, "max_position_embeddings", None) or 2048
+        kinds = rotary.rope_type if isinstance(getattr(rotary, "rope_type", None), dict) else \
+            {"": getattr(rotary, "rope_type", "default")}
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        for kind, rope_type in kinds.items():
+            if rope_type in ("dynamic", "longrope"):
+                own = params.get(kind, params) if kind else params
+                original = (own or {}).get("original_max_position_embeddings") or \
+                    getattr(config, "original_max_position_embeddings", None)
+                positions = min(positions, original or positions)
+        return positions
+
+    @property
+    def pool_window(self) -> int:
+        """Positions a pool, question and answer may use: the model's window, or where every
+        layer slides (Mistral 7B v0.1, Phi-3 mini), that window, so every layer sees the pool."""
+        if self.sliding_window and all(t == "sliding_attention" for t in self.layer_types):
+            return self.sliding_window
+        return self.max_positions
+
+    def _rope_kind(self, layer: int) -> str:
+        return self.layer_types[layer] if self._typed else ""
 
     # -- positions -------------------------------------------------------------------
 
-    def _cos_sin(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, kind: str, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(start, start + count, device=self.device)[None]  # (1, m)
         probe = torch.empty(0, dtype=torch.float32, device=self.device)
-        cos, sin = self._rotary(probe, positions)  # (1, m, hd) each
-        return cos[0], sin[0]  # (m, hd)
+        args = (kind,) if self._typed else ()
+        cos, sin = self._rotary(probe, positions, *args)  # (1, m, rd) each; rd < hd for partial rotary
+        return cos.float(), sin.float()
+
+    def _turn_group(self, keys: torch.Tensor, kind: str, start: int, inverse: bool) -> torch.Tensor:
+        cos, sin = self._cos_sin(kind, start, keys.shape[-2])
+        if inverse:  # rotate back by the same angle; divide by the scale some variants apply
+            norm = cos * cos + sin * sin
+            cos, sin = cos / norm, -sin / norm
+        shape = keys.shape
+        keys = keys.reshape(-1, *shape[-3:]) if keys.dim() != 4 else keys  # (B, Hkv, m, hd), as attention has them
+        rd = cos.shape[-1]
+        if self._split is None:  # does the model's apply_rotary_pos_emb take whole heads, or only their rotary part?
+            try:
+                self._apply(keys, keys, cos, sin)
+                self._split = False
+            except RuntimeError:
+                self._split = rd < keys.shape[-1]
+                if not self._split:
+                    raise
+        if self._split:  # partial rotary applied by the attention itself (Phi-2, StableLM): the first rd dims
+            turned = torch.cat([self._apply(keys[..., :rd], keys[..., :rd], cos, sin)[1], keys[..., rd:]], dim=-1)
+        else:
+            turned = self._apply(keys, keys, cos, sin)[1]
+        return turned.reshape(shape)  # (..., m, hd)
+
+    def _turn(self, keys: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        groups = self.layout.groups()
+        if len(groups) == 1 and len(next(iter(groups.values()))) == self.layers:
+            return self._turn_group(keys, next(iter(groups)), start, inverse)
+        out = keys.clone()
+        for kind, layers in groups.items():
+            index = torch.tensor(layers, device=keys.device)
+            out[index] = self._turn_group(keys[index], kind, start, inverse).to(out.dtype)
+        return out
 
     def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Apply RoPE for positions start.. to pre-rotary keys (..., m, hd)."""
-        cos, sin = self._cos_sin(start, keys.shape[-2])
-        return keys * cos + rotate_half(keys) * sin  # (..., m, hd)
+        """Place pre-rotary keys (L, Hkv, m, hd) at positions start.. in every layer that has positions."""
+        return self._turn(keys, start, inverse=False)
 
     def unrotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Invert `rotate`. Divides by cos^2 + sin^2, which is 1 unless the RoPE variant scales."""
-        cos, sin = self._cos_sin(start, keys.shape[-2])
-        return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)  # (..., m, hd)
+        """Invert `rotate`."""
+        return self._turn(keys, start, inverse=True)
+
+    # -- the load-time check ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def check(self) -> Layout:
+        """Measure which layers rotate, then check that a chunk written at one position and read
+        at another gives the plain model's logits for that chunk in the prompt. Refuses the model
+        (ModelError) when it does not: a memory that reads wrong keys gives plausible wrong answers."""
+        count = min(PROBE_TOKENS, (self.sliding_window or PROBE_TOKENS) // 2 or 1)
+        shift = min(PROBE_SHIFT, self.max_positions - 2 * count)
+        ids = torch.randint(0, self.config.vocab_size, (2 * count,), generator=torch.Generator().manual_seed(0))
+        chunk, question = ids[:count], ids[count:]
+        try:
+            here, _ = self._write(chunk, None, 0)  # as the cache holds them: rotated where rotary
+            there, _ = self._write(chunk, None, shift)
+            rope = []
+            for i in range(self.layers):
+                kind = self._rope_kind(i)
+                moved = _error(self._turn_group(there[i], kind, shift, True), self._turn_group(here[i], kind, 0, True))
+                rope.append(kind if moved <= _error(there[i], here[i]) else None)
+            self.layout = Layout(tuple(rope))
+            stored = self.encode(chunk, start=shift)
+            in_prompt = self.model(ids.to(self.device)[None]).logits[0, count:]  # (count, V)
+            error = _error(self.forward(question, stored), in_prompt)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise ModelError(f"{self.config.model_type}: memllm cannot read this model's memory: {_first(err)}",
+                             hint="see docs/models.md for the families memllm reads exactly") from None
+        self.check_error = error
+        if error > self.tolerance:
+            raise ModelError(
+                f"{self.config.model_type}: a chunk read from memory gives logits {error:.2g} away from the same "
+                "chunk in the prompt (relative); memllm refuses a memory it would read wrong",
+                hint="see docs/models.md for the families memllm reads exactly",
+            )
+        return self.layout
+
+    @property
+    def tolerance(self) -> float:
+        """Relative logit error the load-time check allows: float32 agrees to ~1e-6."""
+        return 1e-3 if self.dtype == torch.float32 else 0.05
 
     # -- the forward pass ----------------------------------------------------------------
 
@@ -129,13 +278,9 @@ class MemoryModel:
         self._check_length(context, len(ids))
         return self._run(ids, self._cache(context)).float()
 
-    @torch.inference_mode()
-    def encode(self, ids: torch.Tensor, context: Pool | None = None, start: int | None = None) -> Pool:
-        """Write: one forward over ids (T,) after `context`; the chunk's pre-rotary K/V in every layer.
-
-        The chunk sits at positions m..m+T-1 right after the context, unless `start` places
-        it elsewhere (used by the experiments in benchmarks/, not by memllm itself).
-        """
+    def _write(self, ids: torch.Tensor, context: Pool | None, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over ids (T,) after `context`: the chunk's keys (as the cache holds them)
+        and values in every layer, (L, Hkv, T, hd) each."""
         m = len(context) if context is not None else 0
         start = m if start is None else start
         self._check_length(None, start + len(ids))
@@ -143,7 +288,18 @@ class MemoryModel:
         self._run(ids, cache, logits_to_keep=1, start=start)  # logits unused; the cache now holds m + T tokens
         keys = torch.stack([layer.keys[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
         values = torch.stack([layer.values[0, :, m:] for layer in cache.layers])  # (L, Hkv, T, hd)
-        return Pool(self.unrotate(keys.float(), start), values.float())
+        return keys.float(), values.float()
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, context: Pool | None = None, start: int | None = None) -> Pool:
+        """Write: one forward over ids (T,) after `context`; the chunk's pre-rotary K/V in every layer.
+
+        The chunk sits at positions m..m+T-1 right after the context, unless `start` places
+        it elsewhere (the load-time check, and the experiments in benchmarks/).
+        """
+        m = len(context) if context is not None else 0
+        keys, values = self._write(ids, context, start)
+        return Pool(self.unrotate(keys, m if start is None else start), values)
 
     @torch.inference_mode()
     def generate(
@@ -169,3 +325,13 @@ class MemoryModel:
                 return
             yield token
             logits = self._run(torch.tensor([token]), cache, logits_to_keep=1)[-1]  # (V,)
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference of two tensors (Frobenius)."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def _first(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

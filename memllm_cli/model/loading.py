@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 
 from ..errors import ModelError
 from ..text.prompts import PromptFormat, TrainedPrompt
-from .engine import MemoryModel
+from .engine import Layout, MemoryModel
 from .official import OfficialMemoryLLM
 
 log = logging.getLogger("memllm")
@@ -161,8 +162,34 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     except (RuntimeError, AssertionError) as err:  # no such device, or torch without CUDA
         raise ModelError(f"cannot use device {device!r}: {_first_line(err)}",
                          hint="use cpu, cuda, cuda:N or auto") from None
+    weights = fingerprint(model, source)
+    engine = checked_engine(model, device, weights, cache_dir)
+    return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), weights)
+
+
+CHECK_FORMAT = 1  # bump when MemoryModel.check measures something new
+
+
+def checked_engine(model, device: str, weights: str, cache_dir: Path) -> MemoryModel:
+    """The engine, with the load-time check (MemoryModel.check) run once per weights and
+    dtype and remembered under the cache (it costs a few forward passes: 0.45 s for the
+    embedded model on 2 cores); a refusal is never remembered, so it is measured again."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path = cache_dir / "checks" / f"{weights[:32]}-{dtype}.json"
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") == CHECK_FORMAT:
+            return MemoryModel(model, device=device, layout=Layout.from_json(record["layout"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not checked yet, or the record is damaged: check again
     engine = MemoryModel(model, device=device)
-    return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), fingerprint(model))
+    record = {"format": CHECK_FORMAT, "layout": engine.layout.to_json(), "error": engine.check_error}
+    with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    return engine
 
 
 def is_trained_config(config: dict) -> bool:
@@ -245,19 +272,61 @@ def trained_fingerprint(engine: OfficialMemoryLLM) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model) -> str:
+def fingerprint(model, source: Path | None = None) -> str:
     """Identify the weights cheaply: the computation-defining config keys plus a few
-    slices of the weights (the first rows of the embedding, a norm and a projection)."""
+    slices of the weights (the first rows of the embedding, a norm and a projection).
+
+    The slices are read from the model's safetensors files, as float32, so the fingerprint
+    belongs to the weights, not to the dtype they are computed in: a memory written in
+    float32 opens in bfloat16 and back (and the value equals what earlier versions computed
+    from a float32 load)."""
     config = model.config.to_dict()
     digest = hashlib.sha256(
         json.dumps({k: config.get(k) for k in _FINGERPRINT_KEYS}, sort_keys=True, default=str).encode()
     )
     state = model.state_dict()
+    stored = _stored_names(source)
     for name in sorted(state)[:4] + sorted(state)[-4:]:
-        sample = state[name].detach().flatten()[:4096].to("cpu", torch.float32)
+        sample = _stored_sample(stored, state, name)
+        if sample is None:  # not in the files (a name transformers converts): as loaded
+            sample = state[name].detach().flatten()[:4096].to("cpu", torch.float32)
         digest.update(name.encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+def _stored_names(source: Path | None) -> dict[str, Path]:
+    """Tensor name -> the safetensors file in `source` that holds it."""
+    from safetensors import safe_open
+
+    names: dict[str, Path] = {}
+    if source is None or not source.is_dir():
+        return names
+    for path in sorted(source.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names.update(dict.fromkeys(f.keys(), path))
+        except (OSError, SafetensorError):
+            continue
+    return names
+
+
+def _stored_sample(stored: dict[str, Path], state: dict, name: str) -> torch.Tensor | None:
+    """The first 4096 values of tensor `name` as the files hold it; a tied weight (saved once,
+    under another name) is found by the tensor it shares."""
+    from safetensors import safe_open
+
+    if name not in stored:
+        ptr = state[name].data_ptr()
+        name = next((other for other in stored if other in state and state[other].data_ptr() == ptr), None)
+        if name is None:
+            return None
+    with safe_open(str(stored[name]), framework="pt") as f:
+        part = f.get_slice(name)
+        shape = part.get_shape()
+        row = max(1, math.prod(shape[1:]))
+        rows = part[: -(-4096 // row)] if shape else f.get_tensor(name)
+    return rows.flatten()[:4096].to(torch.float32)
 
 
 def _converted_gguf(gguf: Path, cache_dir: Path) -> Path:

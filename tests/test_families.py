@@ -1,0 +1,133 @@
+"""Every decoder family in tests/families.py: read exactly, or refused at load.
+
+The checks are the engine's parity tests, on each family's tiny random model in float32:
+an empty memory is the plain model; a chunk in memory is that chunk in the prompt; chunks
+written one after another are one long prompt; greedy generation is `generate()`; and a
+chunk written at another position (as after drops, or a budgeted read) reads the same,
+which is what layers without positions and partial rotary get wrong when treated alike.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from memllm_cli.errors import ModelError
+from memllm_cli.model.engine import MemoryModel
+from memllm_cli.model.pool import Pool
+
+from .families import FAMILIES, VOCAB, WINDOW, build
+
+WORKS = [f for f in FAMILIES if f.refused is None]
+REFUSED = [f for f in FAMILIES if f.refused is not None]
+ATOL = 1e-4
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def loaded(name: str) -> tuple[object, MemoryModel]:
+    family = next(f for f in FAMILIES if f.name == name)
+    model = build(family)
+    return model, MemoryModel(model)
+
+
+def prompt_logits(model, tokens: torch.Tensor, last: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(tokens[None]).logits[0, -last:].float()
+
+
+@pytest.mark.parametrize("family", WORKS, ids=lambda f: f.name)
+def test_empty_memory_equals_plain_model(family):
+    model, engine = loaded(family.name)
+    q = ids(11, 1)
+    empty = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, torch.float32)
+    torch.testing.assert_close(engine.forward(q, empty), prompt_logits(model, q, 11), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("family", WORKS, ids=lambda f: f.name)
+def test_one_chunk_in_memory_equals_chunk_in_prompt(family):
+    model, engine = loaded(family.name)
+    chunk, q = ids(40, 2), ids(9, 3)  # longer than the shrunk sliding windows (16)
+    torch.testing.assert_close(engine.forward(q, engine.encode(chunk)),
+                               prompt_logits(model, torch.cat([chunk, q]), 9), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("family", WORKS, ids=lambda f: f.name)
+def test_chunks_written_after_the_pool_equal_one_long_prompt(family):
+    model, engine = loaded(family.name)
+    sink, a, b, q = ids(4, 4), ids(30, 5), ids(25, 6), ids(7, 7)
+    sink_pool = engine.encode(sink)
+    pool = engine.encode(a, sink_pool)
+    pool = pool + engine.encode(b, sink_pool + pool)
+    torch.testing.assert_close(engine.forward(q, sink_pool + pool),
+                               prompt_logits(model, torch.cat([sink, a, b, q]), 7), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("family", WORKS, ids=lambda f: f.name)
+def test_a_chunk_written_elsewhere_reads_the_same(family):
+    """Drops and budgeted reads move a token to another position than it was written at."""
+    model, engine = loaded(family.name)
+    chunk, q = ids(24, 12), ids(6, 13)
+    moved = engine.encode(chunk, start=300)
+    torch.testing.assert_close(engine.forward(q, moved), prompt_logits(model, torch.cat([chunk, q]), 6),
+                               atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("family", WORKS, ids=lambda f: f.name)
+def test_greedy_generation_matches_hugging_face_generate(family):
+    model, engine = loaded(family.name)
+    chunk, q = ids(20, 8), ids(6, 9)
+    ours = list(engine.generate(q, engine.encode(chunk), max_new_tokens=8))
+    with torch.inference_mode():
+        theirs = model.generate(torch.cat([chunk, q])[None], attention_mask=torch.ones(1, 26, dtype=torch.long),
+                                max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == theirs[0, -8:].tolist()
+
+
+@pytest.mark.parametrize("family", REFUSED, ids=lambda f: f.name)
+def test_families_memllm_cannot_read_exactly_are_refused_at_load(family):
+    with pytest.raises(ModelError, match=family.refused) as err:
+        MemoryModel(build(family))
+    assert "\n" not in err.value.message
+
+
+def test_layers_without_positions_store_keys_as_they_are():
+    _, engine = loaded("SmolLM3 (layers without positions)")
+    assert engine.layout.rope == ("", "", "", None)  # no_rope_layers [1, 1, 1, 0]
+    keys = torch.randn(4, engine.kv_heads, 5, engine.head_dim)
+    turned = engine.rotate(keys, 9)
+    assert torch.equal(turned[3], keys[3]) and not torch.allclose(turned[:3], keys[:3])
+
+
+def test_partial_rotary_rotates_only_its_part():
+    _, engine = loaded("GPT-NeoX / Pythia (partial rotary)")  # rotary_pct 0.25 of 16 dims
+    keys = torch.randn(4, 4, 5, 16)
+    turned = engine.rotate(keys, 9)
+    assert torch.equal(turned[..., 4:], keys[..., 4:]) and not torch.allclose(turned[..., :4], keys[..., :4])
+    torch.testing.assert_close(engine.unrotate(turned, 9), keys, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_windows_are_measured_per_model():
+    assert loaded("Gemma 3 (local and global rotary)")[1].sliding_window == WINDOW
+    assert loaded("Gemma 3 (local and global rotary)")[1].layout.rope[-1] == "full_attention"
+    assert loaded("Mistral (sliding window)")[1].sliding_window == WINDOW
+    assert loaded("Qwen2.5")[1].sliding_window is None  # use_sliding_window false
+    assert loaded("Phi-4-mini (partial rotary, longrope)")[1].sliding_window is None  # wider than the model
+
+
+def test_rope_that_changes_with_length_caps_the_window():
+    """longrope rotates by other frequencies beyond original_max_position_embeddings."""
+    assert loaded("Phi-4-mini (partial rotary, longrope)")[1].max_positions == 4096
+
+
+def test_a_model_whose_memory_would_read_wrong_is_refused(monkeypatch):
+    """The load-time check: break the engine's rotation and the model is refused."""
+    model = build(WORKS[0])
+    monkeypatch.setattr(MemoryModel, "unrotate", lambda self, keys, start: keys)
+    with pytest.raises(ModelError, match="refuses a memory it would read wrong"):
+        MemoryModel(model)
