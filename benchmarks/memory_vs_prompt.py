@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-prompt", action="store_true", help="skip the prompt baseline")
     parser.add_argument("--closed-book", action="store_true", help="also ask with no passages")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -49,7 +50,7 @@ def main() -> None:
     if args.template:
         prompts.QUESTION = args.template
     items = load_items(args.data, range(args.start, end))
-    service = Memllm(memory="eval")
+    service = Memllm(memory="eval", dtype=args.dtype)
     groups = [items[i : i + args.group] for i in range(0, len(items), args.group)]
 
     results: dict[str, dict] = {}

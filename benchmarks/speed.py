@@ -36,16 +36,17 @@ def main() -> None:
     parser.add_argument("--write-context", nargs="+", default=["all"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    service = Memllm(memory="speed")
+    service = Memllm(memory="speed", dtype=args.dtype)
     lm = service.model()
     # Pack development passages into chunks of up to 512 tokens, as `memllm ingest` does.
     text = "\n\n".join(item.passage for item in load_items(args.data, range(0, 1500)))
     chunks = [c.ids for c in chunk_document(text, lm.tokenizer, CHUNK_TOKENS)]
     pool_size = args.pool_size or max(args.fills)
-    results = {"threads": torch.get_num_threads(), "pool_size": pool_size, "runs": []}
+    results = {"threads": torch.get_num_threads(), "pool_size": pool_size, "dtype": args.dtype, "runs": []}
 
     plain_seconds, plain_tokens = 0.0, 0
     for ids in chunks[:8]:

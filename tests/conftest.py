@@ -33,6 +33,10 @@ def tiny_config(kind: str = "llama", **extra):
         return Qwen2Config(**base)
     if kind == "mistral":
         return MistralConfig(**{"sliding_window": None, **base})
+    if kind == "gemma2":  # sliding-window layers interleaved with global ones
+        from transformers import Gemma2Config
+
+        return Gemma2Config(**{"sliding_window": 64, "head_dim": 16, **base})
     raise ValueError(kind)
 
 

@@ -50,7 +50,7 @@ def test_a_file_that_is_not_gguf(tmp_path, env_model):
     one_error(memllm("--model", str(fake), "ingest", "-", stdin=b"some text"), 5, "is not a GGUF file")
     torn = tmp_path / "torn.gguf"
     torn.write_bytes(b"GGUF\x03\x00\x00\x00garbage")  # the magic, then nothing that parses
-    one_error(memllm("--model", str(torn), "ingest", "-", stdin=b"some text"), 5, "cannot convert")
+    one_error(memllm("--model", str(torn), "ingest", "-", stdin=b"some text"), 5, "is not a readable GGUF file")
 
 
 @pytest.mark.parametrize("line, text", [

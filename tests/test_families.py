@@ -131,3 +131,15 @@ def test_a_model_whose_memory_would_read_wrong_is_refused(monkeypatch):
     monkeypatch.setattr(MemoryModel, "unrotate", lambda self, keys, start: keys)
     with pytest.raises(ModelError, match="refuses a memory it would read wrong"):
         MemoryModel(model)
+
+
+def test_docs_models_table_lists_every_family_as_the_tests_find_it():
+    """docs/models.md is written by benchmarks/families.py; it cannot drift from this table."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    table = text.split("<!-- families: begin")[1].split("<!-- families: end")[0]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) - {"family", "---|---|---|---|---|---|---|"} == {f.name for f in FAMILIES}
+    for family in FAMILIES:
+        assert ("| refused: " in rows[family.name]) == (family.refused is not None), family.name

@@ -118,6 +118,22 @@ def test_the_load_time_check_is_remembered_per_weights_and_dtype(tiny_dir, tmp_p
     assert load_model(str(tiny_dir), cache_dir=cache).engine.check_error is not None
 
 
+def test_a_sliding_window_model_reads_what_fits_its_window_and_says_so(tmp_path):
+    from .conftest import save_tiny
+
+    model = save_tiny(tmp_path / "gemma2", kind="gemma2")
+    service = Memllm(model=str(model))
+    service.ingest_documents([doc("a", PARAGRAPH), doc("b", "The tool shed code is 4172. " * 5)])
+    answer = service.ask("What is the code?", max_new_tokens=3)
+    list(answer)
+    cap = answer.info["read_cap"]
+    assert cap["why"] == "the model's sliding window of 64 tokens" and 0 < cap["tokens"] < 64
+    assert answer.info["read_tokens"] <= cap["tokens"]
+    whole = service.ask("What is the code?", max_new_tokens=3, budget=0)  # the whole pool: no cap
+    list(whole)
+    assert "read_cap" not in whole.info
+
+
 def test_the_memory_remembers_its_model(tiny_dir):
     Memllm(model=str(tiny_dir)).ingest_documents([doc("a", PARAGRAPH)])
     service = Memllm()  # no model named: the memory's own, not the embedded default

@@ -61,7 +61,7 @@ def main(
         str | None,
         typer.Option(
             "--model",
-            help="Model: smollm2-135m-instruct (embedded), a directory, a .gguf file or a hub id "
+            help="Model: smollm2-135m-instruct (embedded), a directory, a .gguf file, ollama:NAME[:TAG] or a hub id "
             "[env: MEMLLM_MODEL; default: the memory's own model].",
         ),
     ] = None,

@@ -96,12 +96,15 @@ def embedded_gguf() -> Path:
 
 
 def resolve(spec: str) -> tuple[str, Path | str]:
-    """Normalised name and where to load it from: a GGUF file, a directory or a hub id."""
+    """Normalised name and where to load it from: a GGUF file (llama.cpp's, or an ollama
+    model by name or blob), a directory or a hub id."""
     if spec.lower() in _ALIASES:
         return EMBEDDED, embedded_gguf()
+    if spec.startswith(OLLAMA):
+        return spec, ollama_blob(spec.removeprefix(OLLAMA))
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and (path.suffix == ".gguf" or _starts_with(path, b"GGUF")):  # ollama blobs have no suffix
             _check_gguf(path)
             return str(path.resolve()), path.resolve()
         if path.is_dir() and (path / "config.json").is_file():
@@ -114,6 +117,118 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     raise ModelError(
         f"model not found: {spec}", hint="give a local directory, a .gguf file or a hub id such as org/name"
     )
+
+
+OLLAMA = "ollama:"
+OLLAMA_MODEL = "application/vnd.ollama.image.model"
+# llama.cpp's architecture names where transformers' differ
+_GGUF_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+_GGUF_NOT_DECODERS = {"general", "tokenizer", "t5", "umt5", "t5encoder"}
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def ollama_dirs() -> list[Path]:
+    """Where ollama keeps models: $OLLAMA_MODELS, the user's store, the Linux service's."""
+    found = [Path(os.environ["OLLAMA_MODELS"]).expanduser()] if os.environ.get("OLLAMA_MODELS") else []
+    return found + [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
+
+
+def ollama_blob(name: str) -> Path:
+    """The GGUF blob of an ollama model (`llama3.2:1b`, `user/model:tag`, `hf.co/org/repo:tag`)."""
+    base, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "latest")
+    parts = base.split("/")
+    if not base or len(parts) > 3 or not all(parts) or ".." in parts:
+        raise ModelError(f"{OLLAMA}{name} is not an ollama model name",
+                         hint="e.g. ollama:llama3.2:1b (see ollama list)")
+    parts = {1: ["registry.ollama.ai", "library", *parts], 2: ["registry.ollama.ai", *parts], 3: parts}[len(parts)]
+    for models in ollama_dirs():
+        manifest = models.joinpath("manifests", *parts, tag or "latest")
+        if not manifest.is_file():
+            continue
+        try:
+            layers = json.loads(manifest.read_text()).get("layers", [])
+            digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL)
+        except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+            raise ModelError(f"the ollama manifest of {name} is damaged or has no model layer: {manifest}") from None
+        blob = models / "blobs" / digest.replace(":", "-")
+        if not blob.is_file():
+            raise ModelError(f"ollama lists {name} but its model file is missing: {blob}", hint=f"ollama pull {name}")
+        return blob
+    looked = ", ".join(map(str, ollama_dirs()))
+    raise ModelError(f"no ollama model {base}:{tag or 'latest'} on this machine (looked in {looked})",
+                     hint=f"ollama pull {name}, or set OLLAMA_MODELS to ollama's models folder")
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# transformers reads these GGUF architectures, but a memory cannot hold their state exactly
+_GGUF_REFUSED = {"mamba": "no attention layers", "lfm2": "convolution layers", "bloom": "ALiBi positions",
+                 "gpt2": "absolute positions"}
+
+
+def gguf_architecture(path: Path) -> str:
+    """The model architecture a GGUF file declares (general.architecture), in transformers'
+    spelling; reads the metadata header only (gguf's reader maps every tensor: seconds)."""
+
+    def read(f, fmt):
+        data = f.read(struct.calcsize("<" + fmt))
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(f):
+        return f.read(read(f, "Q")).decode("utf-8", "replace")
+
+    def skip(f, kind):
+        if kind == 8:
+            string(f)
+        elif kind == 9:
+            inner, count = read(f, "I"), read(f, "Q")
+            if inner in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+            else:
+                for _ in range(count):
+                    skip(f, inner)
+        else:
+            read(f, _GGUF_SCALARS[kind])
+
+    try:
+        with open(path, "rb") as f:
+            f.read(4)  # the magic bytes, checked by resolve
+            read(f, "I")  # version
+            read(f, "Q")  # tensors
+            for _ in range(read(f, "Q")):
+                key, kind = string(f), read(f, "I")
+                if key == "general.architecture" and kind == 8:
+                    name = string(f)
+                    return _GGUF_NAMES.get(name, name)
+                skip(f, kind)
+    except (OSError, KeyError, struct.error, MemoryError, OverflowError) as err:
+        raise ModelError(f"{path} is not a readable GGUF file: {_first_line(err)}") from None
+    raise ModelError(f"{path} declares no model architecture (general.architecture)")
+
+
+def gguf_architectures() -> list[str]:
+    """The decoder architectures transformers' GGUF reader converts and a memory can hold."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _GGUF_NOT_DECODERS - set(_GGUF_REFUSED))
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Refuse, before a conversion of a minute, a GGUF model memllm cannot use."""
+    architecture = gguf_architecture(path)
+    hint = f"GGUF architectures memllm reads: {', '.join(gguf_architectures())}"
+    if architecture in _GGUF_REFUSED:
+        raise ModelError(f"{path.name} is a {architecture} model ({_GGUF_REFUSED[architecture]}): a memory cannot "
+                         "hold its state exactly", hint=hint)
+    if architecture not in gguf_architectures():
+        raise ModelError(f"{path.name} is a GGUF model of architecture {architecture!r}, which transformers "
+                         "cannot read", hint=hint)
 
 
 def _check_gguf(path: Path) -> None:
@@ -138,7 +253,7 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
     name, source = resolve(spec)
     if isinstance(source, str):
         source = from_hub(source)
-    if source.suffix == ".gguf":
+    if source.is_file():  # a GGUF file (resolve checked its magic bytes)
         source = _converted_gguf(source, cache_dir)
     checkpoint = trained_checkpoint(source)
     if checkpoint is not None:
@@ -339,6 +454,7 @@ def _converted_gguf(gguf: Path, cache_dir: Path) -> Path:
             return target
         log.info("the converted copy of %s in %s is damaged; converting it again", gguf.name, target)
         shutil.rmtree(target, ignore_errors=True)
+    check_gguf_architecture(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(target) + ".lock", timeout=600):

@@ -408,7 +408,7 @@ def usage(mem, question: str, answer) -> dict:
 
 def extension(answer) -> dict:
     """What memllm adds to an OpenAI answer: what it read and whether that supports the answer."""
-    keep = ("memory", "read_tokens", "sources", "grounded", "damaged")
+    keep = ("memory", "read_tokens", "read_cap", "sources", "grounded", "damaged")
     return {k: answer.info[k] for k in keep if k in answer.info}
 
 
