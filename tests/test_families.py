@@ -143,3 +143,21 @@ def test_docs_models_table_lists_every_family_as_the_tests_find_it():
     assert set(rows) - {"family", "---|---|---|---|---|---|---|"} == {f.name for f in FAMILIES}
     for family in FAMILIES:
         assert ("| refused: " in rows[family.name]) == (family.refused is not None), family.name
+
+
+def test_the_cli_refuses_such_a_model_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from memllm_cli.random_checkpoints import tiny_tokenizer
+
+    refused = next(f for f in REFUSED if "GPT-2" in f.name)
+    build(refused).save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer(True).save_pretrained(tmp_path / "gpt2")
+    out = subprocess.run([sys.executable, "-m", "memllm_cli", "--model", str(tmp_path / "gpt2"), "ingest", "-"],
+                         input=b"some notes", capture_output=True, timeout=300)
+    err = out.stderr.decode()
+    assert out.returncode == 5 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("memllm: error: ")] == [
+        "memllm: error: gpt2 is not a decoder-only model with rotary positions"], err
+    assert "hint: see docs/models.md" in err
