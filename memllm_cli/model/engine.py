@@ -142,8 +142,8 @@ class MemoryModel:
         window = getattr(config, "sliding_window", None)
         if not types and window and getattr(config, "use_sliding_window", True):
             self.layer_types = ["sliding_attention"] * self.layers  # Mistral-style: every layer slides
-        # the smallest window of any sliding layer (None: every layer sees the whole context)
         self.max_positions = self._positions(config, rotary)
+        # the window of the sliding layers (None: every layer sees the whole context)
         sliding = window and "sliding_attention" in self.layer_types and window < self.max_positions
         self.sliding_window = window if sliding else None
         self._rotary = rotary
@@ -156,6 +156,8 @@ class MemoryModel:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.check_error: float | None = None  # relative logit error the load-time check measured
+        if layout is not None and len(layout.rope) != self.layers:
+            layout = None  # a record of another shape: measure again
         self.layout = layout or Layout(tuple(self._rope_kind(i) for i in range(self.layers)))
         if layout is None:
             self.layout = self.check()

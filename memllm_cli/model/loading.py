@@ -288,17 +288,21 @@ CHECK_FORMAT = 1  # bump when MemoryModel.check measures something new
 def checked_engine(model, device: str, weights: str, cache_dir: Path) -> MemoryModel:
     """The engine, with the load-time check (MemoryModel.check) run once per weights and
     dtype and remembered under the cache (it costs a few forward passes: 0.45 s for the
-    embedded model on 2 cores); a refusal is never remembered, so it is measured again."""
+    embedded model on 2 cores) and transformers version (whose model code it measured); a
+    refusal is never remembered, so it is measured again."""
+    import transformers
+
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path = cache_dir / "checks" / f"{weights[:32]}-{dtype}.json"
     try:
         record = json.loads(path.read_text())
-        if record.get("format") == CHECK_FORMAT:
+        if record.get("format") == CHECK_FORMAT and record.get("transformers") == transformers.__version__:
             return MemoryModel(model, device=device, layout=Layout.from_json(record["layout"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not checked yet, or the record is damaged: check again
     engine = MemoryModel(model, device=device)
-    record = {"format": CHECK_FORMAT, "layout": engine.layout.to_json(), "error": engine.check_error}
+    record = {"format": CHECK_FORMAT, "transformers": transformers.__version__, "layout": engine.layout.to_json(),
+              "error": engine.check_error}
     with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
