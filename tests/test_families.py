@@ -161,3 +161,15 @@ def test_the_cli_refuses_such_a_model_in_one_line(tmp_path):
     assert [line for line in err.splitlines() if line.startswith("memllm: error: ")] == [
         "memllm: error: gpt2 is not a decoder-only model with rotary positions"], err
     assert "hint: see docs/models.md" in err
+
+
+def test_the_fingerprint_is_the_weights_not_the_dtype_even_where_transformers_renames_them(tmp_path):
+    """transformers 5 fuses Mixtral's experts under names the files do not have."""
+    from memllm_cli.model.loading import load_model
+    from memllm_cli.random_checkpoints import tiny_tokenizer
+
+    build(next(f for f in FAMILIES if f.name == "Mixtral")).save_pretrained(tmp_path / "mixtral")
+    tiny_tokenizer(True).save_pretrained(tmp_path / "mixtral")
+    prints = {load_model(str(tmp_path / "mixtral"), cache_dir=tmp_path / "cache", dtype=d).fingerprint
+              for d in ("float32", "bfloat16")}
+    assert len(prints) == 1

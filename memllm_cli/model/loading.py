@@ -56,6 +56,7 @@ class LoadedModel:
     fingerprint: str  # sha256 hex of config and weight samples: which model wrote a memory
     kind: str = "training-free"  # or "trained": an official MemoryLLM / M+ checkpoint
     cache: dict = field(default_factory=dict)  # what users of the model derive from it once (the sink)
+    aliases: tuple[str, ...] = ()  # fingerprints earlier versions gave these weights (memories keep them)
 
     @property
     def trained(self) -> bool:
@@ -279,7 +280,8 @@ def load_model(spec: str, *, cache_dir: Path, device: str = "cpu", dtype: str | 
                          hint="use cpu, cuda, cuda:N or auto") from None
     weights = fingerprint(model, source)
     engine = checked_engine(model, device, weights, cache_dir)
-    return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), weights)
+    aliases = tuple({fingerprint(model)} - {weights})  # from the loaded tensors, as memllm 0.1.0 computed it
+    return LoadedModel(name, engine, tokenizer, PromptFormat.for_tokenizer(tokenizer), weights, aliases=aliases)
 
 
 CHECK_FORMAT = 1  # bump when MemoryModel.check measures something new
@@ -405,9 +407,12 @@ def fingerprint(model, source: Path | None = None) -> str:
     )
     state = model.state_dict()
     stored = _stored_names(source)
-    for name in sorted(state)[:4] + sorted(state)[-4:]:
+    names = sorted(state)
+    if stored:  # only tensors the files hold (transformers 5 fuses MoE experts under new names)
+        names = [name for name in names if _stored_name(stored, state, name) is not None] or names
+    for name in names[:4] + names[-4:]:
         sample = _stored_sample(stored, state, name)
-        if sample is None:  # not in the files (a name transformers converts): as loaded
+        if sample is None:  # no files to read (or none of these names in them): as loaded
             sample = state[name].detach().flatten()[:4096].to("cpu", torch.float32)
         digest.update(name.encode())
         digest.update(sample.numpy().tobytes())
@@ -430,16 +435,22 @@ def _stored_names(source: Path | None) -> dict[str, Path]:
     return names
 
 
+def _stored_name(stored: dict[str, Path], state: dict, name: str) -> str | None:
+    """The name the files hold tensor `name` under: its own, or that of the tensor it is tied to."""
+    if name in stored:
+        return name
+    ptr = state[name].data_ptr()
+    return next((other for other in stored if other in state and state[other].data_ptr() == ptr), None)
+
+
 def _stored_sample(stored: dict[str, Path], state: dict, name: str) -> torch.Tensor | None:
     """The first 4096 values of tensor `name` as the files hold it; a tied weight (saved once,
     under another name) is found by the tensor it shares."""
     from safetensors import safe_open
 
-    if name not in stored:
-        ptr = state[name].data_ptr()
-        name = next((other for other in stored if other in state and state[other].data_ptr() == ptr), None)
-        if name is None:
-            return None
+    name = _stored_name(stored, state, name)
+    if name is None:
+        return None
     with safe_open(str(stored[name]), framework="pt") as f:
         part = f.get_slice(name)
         shape = part.get_shape()

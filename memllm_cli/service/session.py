@@ -191,7 +191,8 @@ class Session:
                 self.model_spec(info), cache_dir=self.settings.cache_dir, device=self.settings.device,
                 dtype=self.settings.dtype,
             )
-        if info is not None and info["model"].get("fingerprint") not in (None, self._model.fingerprint):
+        if info is not None and info["model"].get("fingerprint") not in (None, self._model.fingerprint,
+                                                                         *self._model.aliases):
             raise ModelError(
                 f"memory {self.memory_name!r} was written by model {info['model']['name']}, "
                 f"not by {self._model.name}",
