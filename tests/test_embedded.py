@@ -93,7 +93,8 @@ def test_a_damaged_converted_model_is_converted_again(tmp_path):
     shared = load_settings().cache_dir / "models"
     cache = tmp_path / "cache"
     shutil.copytree(shared, cache / "models", ignore=shutil.ignore_patterns("*.lock", ".convert-*"))
-    [model] = [p for p in (cache / "models").iterdir() if (p / "model.safetensors").is_file()]
+    [model] = [p for p in (cache / "models").iterdir()
+               if (p / "model.safetensors").is_file() and p.name.startswith("SmolLM2-135M-Instruct")]
     with open(model / "model.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) // 2)  # cut short, as a full disk or a killed copy leaves it
     out = subprocess.run([sys.executable, "-m", "memllm_cli", "ask", "--json", "What is the tool shed code?"],

@@ -94,7 +94,15 @@ def test_the_embedded_model_through_an_ollama_store_is_the_same_model(tmp_path):
     link = tmp_path / "smollm2.gguf"
     link.symlink_to(embedded_gguf())
     ollama_store(store, "smollm2", "135m", link)
-    env = {**os.environ, "OLLAMA_MODELS": str(store)}
+    # a cache of its own (the blob's conversion stays out of the shared one), holding the
+    # embedded model's shared conversion by a link
+    from memllm_cli.config import load_settings
+    from memllm_cli.model.loading import _converted_gguf
+
+    embedded = _converted_gguf(embedded_gguf(), load_settings().cache_dir)
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / embedded.name).symlink_to(embedded)
+    env = {**os.environ, "OLLAMA_MODELS": str(store), "MEMLLM_CACHE": str(tmp_path / "cache")}
 
     def run(*args, stdin=b""):
         return subprocess.run([sys.executable, "-m", "memllm_cli", *args], input=stdin, capture_output=True, env=env,
