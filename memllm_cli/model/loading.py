@@ -105,8 +105,10 @@ def resolve(spec: str) -> tuple[str, Path | str]:
         return spec, ollama_blob(spec.removeprefix(OLLAMA))
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_file() and (path.suffix == ".gguf" or _starts_with(path, b"GGUF")):  # ollama blobs have no suffix
+        if path.is_file() and path.suffix == ".gguf":
             _check_gguf(path)
+            return str(path.resolve()), path.resolve()
+        if path.is_file() and _starts_with(path, b"GGUF"):  # an ollama blob: no suffix, known by its magic
             return str(path.resolve()), path.resolve()
         if path.is_dir() and (path / "config.json").is_file():
             return str(path.resolve()), path.resolve()

@@ -68,21 +68,21 @@ class Remote:
         import httpx
 
         self.path, self.memory = path, memory
-        self._httpx = httpx
+        self.httpx = httpx
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://memllm",
                                  timeout=httpx.Timeout(None, connect=5.0))
 
     def alive(self) -> bool:
         try:
             return self.http.get("/v1/models", timeout=5.0).status_code == 200
-        except self._httpx.HTTPError:
+        except self.httpx.HTTPError:
             return False
 
-    def _url(self, what: str) -> str:
+    def url(self, what: str) -> str:
         return f"/api/memories/{self.memory}/{what}"
 
     def status(self) -> dict:
-        return self._json(self._call("GET", self._url("status")))
+        return self._json(self._call("GET", self.url("status")))
 
     def ingest(self, paths: list[str], *, stdin: bytes | None = None, name: str | None = None,
                force: bool = False, sync: bool = False) -> RemoteReport:
@@ -93,24 +93,24 @@ class Remote:
         self.ingest_id = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         body = {"paths": absolute, "name": name, "force": force, "sync": sync, "id": self.ingest_id,
                 "stdin_base64": base64.b64encode(stdin).decode() if stdin is not None else None}
-        return RemoteReport(self._json(self._call("POST", self._url("ingest"), json=body)))
+        return RemoteReport(self._json(self._call("POST", self.url("ingest"), json=body)))
 
     def stop(self, signal_name: str) -> None:
         """Ask the running ingest to stop at its next chunk boundary (from a signal handler:
         on a connection of its own)."""
-        with self._httpx.Client(transport=self._httpx.HTTPTransport(uds=str(self.path)), base_url="http://memllm",
+        with self.httpx.Client(transport=self.httpx.HTTPTransport(uds=str(self.path)), base_url="http://memllm",
                                 timeout=5.0) as other:
             try:
                 other.post(f"/api/ingests/{self.ingest_id}/stop", json={"signal": signal_name})
-            except self._httpx.HTTPError:
+            except self.httpx.HTTPError:
                 pass  # the ingest ended meanwhile, or the server went: the answer says which
 
     def ingest_text(self, name: str, text: str) -> dict:
         body = {"documents": [{"name": name, "text": text}]}
-        return self._json(self._call("POST", self._url("ingest"), json=body))
+        return self._json(self._call("POST", self.url("ingest"), json=body))
 
     def forget(self, sources: list[str]) -> dict:
-        return self._json(self._call("POST", self._url("forget"), json={"sources": sources}))
+        return self._json(self._call("POST", self.url("forget"), json={"sources": sources}))
 
     def ask(self, question: str, **options) -> RemoteAnswer:
         body = {"question": question, "stream": True, **{k: v for k, v in options.items() if v is not None}}
@@ -119,7 +119,7 @@ class Remote:
     def _call(self, method: str, url: str, **kwargs):
         try:
             return self.http.request(method, url, **kwargs)
-        except self._httpx.HTTPError as err:
+        except self.httpx.HTTPError as err:
             raise ServerGone(str(err)) from None
 
     @staticmethod
@@ -160,7 +160,7 @@ class RemoteAnswer:
     def __iter__(self) -> Iterator[str]:
         remote = self._remote
         try:
-            with remote.http.stream("POST", remote._url("ask"), json=self._body) as response:
+            with remote.http.stream("POST", remote.url("ask"), json=self._body) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise_error(response.json())
@@ -173,7 +173,7 @@ class RemoteAnswer:
                         yield event["piece"]
                     elif "done" in event:
                         self._done = event["done"]
-        except remote._httpx.HTTPError as err:
+        except remote.httpx.HTTPError as err:
             raise ServerGone(str(err)) from None
         if self._done is None:
             raise ServerGone("the answer was cut short")

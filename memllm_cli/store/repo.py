@@ -312,17 +312,16 @@ class Repo:
         """The tokens of an evicted block, checked: its ids must hash to what eviction recorded."""
         path = self.folder / "evicted" / f"{block}.safetensors"
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:  # opened once: ids, and the kept rows if any
                 meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
                 ids = f.get_tensor("ids")
+                kept = {name: f.get_tensor(name) for name in f.keys() if name.startswith("kept.")}
         except (OSError, SafetensorError, json.JSONDecodeError) as err:
             raise StoreError(f"evicted block {block[:12]}: unreadable: {err}") from None
         evicted = meta.get("evicted") or {}
         if _ids_digest(ids) != evicted.get("ids_sha256"):
             raise StoreError(f"evicted block {block[:12]}: its token ids no longer match their checksum")
         if "kept_sha256" in evicted:
-            with safe_open(path, framework="pt") as f:
-                kept = {name: f.get_tensor(name) for name in f.keys() if name.startswith("kept.")}
             if _kept_digest(kept) != evicted["kept_sha256"]:
                 raise StoreError(f"evicted block {block[:12]}: the rows it kept no longer match their checksum")
         return len(ids)
