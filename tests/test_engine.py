@@ -1,5 +1,7 @@
 """Parity of the memory-augmented forward pass with the plain Hugging Face model."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -60,6 +62,41 @@ def test_greedy_generation_matches_hugging_face_generate(kind):
         torch.cat([chunk, q])[None], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, -8:].tolist()
     assert ours == theirs
+
+
+class Counting(MemoryModel):
+    def _run(self, ids, cache, logits_to_keep=0, start=None):
+        self.passes = getattr(self, "passes", 0) + 1
+        return super()._run(ids, cache, logits_to_keep, start)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_looked_up_drafts_give_the_plain_greedy_tokens_in_fewer_passes(kind):
+    engine = Counting(tiny_model(kind))
+    chunk, q = ids(20, 8), ids(6, 9)
+    pool = engine.encode(chunk)
+    plain = list(engine.generate(q, pool, max_new_tokens=24, lookup=False))
+    engine.passes = 0
+    # a note holding the answer: every draft from it is right
+    assert list(engine.generate(q, pool, max_new_tokens=24, draft_from=[[*q[-2:].tolist(), *plain]])) == plain
+    assert engine.passes < 24 // 2
+    # a note whose every bigram of the answer is followed by wrong tokens: every draft is refused
+    # and its tail cropped from the cache
+    wrong = [t for a, b in itertools.pairwise(plain) for t in (a, b, (b + 1) % 320, (b + 7) % 320)]
+    assert list(engine.generate(q, pool, max_new_tokens=24, draft_from=[wrong])) == plain
+
+
+def test_drafts_follow_the_longest_latest_match_and_stay_inside_their_text():
+    from memllm_cli.model.lookup import Drafts
+
+    drafts = Drafts([[1, 2, 3, 4, 5], [9, 2, 3, 7, 8], [6]], longest=3)
+    drafts.extend([9, 2, 3])
+    assert drafts.propose(5) == [7, 8]  # "9 2 3" matches the second text longer; it ends there
+    drafts.extend([7, 8, 1, 2, 3])
+    assert drafts.propose(5) == [4, 5]  # "1 2 3" the first text
+    assert drafts.propose(1) == [4]
+    drafts.extend([42, 43])
+    assert drafts.propose(5) == []  # nothing followed "42 43"
 
 
 def test_generation_stops_at_a_stop_token():

@@ -223,8 +223,9 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server):
     assert got.status_code == 200 and time.perf_counter() - started < 30
 
 
-PROBE = ("import atexit, sys\n"
-         "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr))\n"
+PROBE = ("import atexit, sys\n"  # the client path imports no torch (nor httpx, slow to import and to set up)
+         "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else\n"
+         "                              'httpx imported' if 'httpx' in sys.modules else 'no torch', file=sys.stderr))\n"
          "from memllm_cli.cli import run\n"
          "run(sys.argv[1:])\n")
 

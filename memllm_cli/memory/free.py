@@ -411,7 +411,8 @@ class FreeMemory(Memory):
         # a whole pool whose blocks keep no text (written before blocks kept their ids) cannot be judged
         judged = bool(read) or "sources" in info
         verdict = grounding.judge(question, texts, rarity(idx.retriever)) if judged else None
-        tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), **vars(sampling))
+        tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), draft_from=[c.ids for c in read],
+                                    **vars(sampling))
         return Reading(tokens, info, verdict)
 
     def context(self) -> Pool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +28,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import ModelError
+from .lookup import Drafts
 from .pool import Pool
 from .sampling import pick
 
 ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention"})
 PROBE_TOKENS = 12  # tokens of the load-time check (see `check`)
 PROBE_SHIFT = 37  # positions the check moves them by
+DRAFT_TOKENS = 5  # most tokens a looked-up draft proposes at once (lookup.py)
 
 
 @dataclass(frozen=True)
@@ -359,12 +361,22 @@ class MemoryModel:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        draft_from: Sequence[list[int]] = (),
+        lookup: bool = True,
     ) -> Iterator[int]:
-        """Yield generated token ids one at a time: greedy when temperature is 0."""
+        """Yield generated token ids one at a time: greedy when temperature is 0.
+
+        Greedy decoding checks tokens looked up in the input, the answer so far and
+        `draft_from` (token ids of the notes the answer reads) several at a time
+        (lookup.py): the tokens are the ones plain greedy decoding picks, in fewer forward
+        passes. `lookup=False` decodes one token a forward pass."""
         self._check_length(context, len(ids) + max_new_tokens)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self._cache(context, room=len(ids) + max_new_tokens)
+        cache = self._cache(context, room=len(ids) + max_new_tokens + DRAFT_TOKENS)
         logits = self._run(ids, cache, logits_to_keep=1)[-1]  # (V,)
+        if temperature <= 0 and lookup:
+            yield from self._lookup_greedy(logits, cache, ids, max_new_tokens, stop_ids, draft_from)
+            return
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for _ in range(max_new_tokens):
             token = pick(logits.float(), temperature, top_p, top_k, generator)
             if token in stop_ids:
@@ -372,6 +384,28 @@ class MemoryModel:
             yield token
             logits = self._run(torch.tensor([token]), cache, logits_to_keep=1)[-1]  # (V,)
 
+    def _lookup_greedy(self, logits, cache, ids, max_new_tokens, stop_ids, draft_from) -> Iterator[int]:
+        drafts = Drafts([*draft_from, ids.tolist()], longest=DRAFT_TOKENS)
+        token = int(logits.argmax())
+        left = max_new_tokens
+        while left > 0 and token not in stop_ids:
+            yield token
+            left -= 1
+            if left == 0:
+                return
+            drafts.extend([token])
+            proposal = drafts.propose(left - 1)  # (k,)
+            rows = self._run(torch.tensor([token, *proposal]), cache, logits_to_keep=len(proposal) + 1)
+            picks = rows.argmax(-1).tolist()  # picks[i]: the greedy token after proposal[:i]
+            kept = 0
+            while kept < len(proposal) and picks[kept] == proposal[kept] and proposal[kept] not in stop_ids:
+                yield proposal[kept]
+                kept += 1
+                left -= 1
+            if kept < len(proposal):
+                cache.crop(kept - len(proposal))  # the proposal's unchecked tail leaves the cache
+            drafts.extend(proposal[:kept])
+            token = picks[kept]
 
 def _error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative difference of two tensors (Frobenius)."""

@@ -1,6 +1,8 @@
 """The CLI's client of a running `memllm serve` (same MEMLLM_HOME): over its Unix socket,
-with httpx, importing neither torch nor transformers, so that `memllm ask` through a warm
-server costs a process start and an HTTP request.
+with the standard library's http.client, importing neither torch nor transformers, so that
+`memllm ask` through a warm server costs a process start and an HTTP request. (httpx took
+a quarter of a second to import and to build its client's TLS context, which a Unix socket
+never uses: more than the server took to answer.)
 
 `connect` says whether to use one: not with --no-server or MEMLLM_NO_SERVER=1, not when the
 command asks for a model, device or dtype of its own (the server has its settings), not when
@@ -11,8 +13,10 @@ the command runs in-process.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -30,6 +34,8 @@ from ..errors import (
     UsageError,
 )
 
+CONNECT_SECONDS = 5.0
+WIRE_ERRORS = (OSError, http.client.HTTPException)  # socket.timeout is an OSError
 BY_EXIT = {2: UsageError, 3: InputError, 4: MemoryNotFound, 5: ModelError, 6: StoreError, 7: Busy, 8: Ungrounded}
 
 
@@ -63,19 +69,60 @@ def connect(options: dict, no_server: bool = False) -> Remote | None:
     return remote
 
 
-class Remote:
-    def __init__(self, path: Path, memory: str) -> None:
-        import httpx
+class Response:
+    """A response read whole: status and body."""
 
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code, self.body = status, body
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise ServerGone(f"an answer that is not JSON (HTTP {self.status_code})") from None
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket: `timeout` bounds connecting and, where given, reading."""
+
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
+        super().__init__("memllm", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_SECONDS if self.timeout is None else self.timeout)
+        sock.connect(self.path)
+        sock.settimeout(self.timeout)  # None: an ingest or an answer may take minutes
+        self.sock = sock
+
+    def send_request(self, method: str, url: str, body: dict | None) -> http.client.HTTPResponse:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        self.request(method, url, body=data, headers=headers)
+        return self.getresponse()
+
+
+class Remote:
+    """Requests to the server, each on a connection of its own (a Unix socket connects in a
+    tenth of a millisecond; a kept-alive one could have been closed by the server meanwhile)."""
+
+    def __init__(self, path: Path, memory: str) -> None:
         self.path, self.memory = path, memory
-        self.httpx = httpx
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://memllm",
-                                 timeout=httpx.Timeout(None, connect=5.0))
+
+    def request(self, method: str, url: str, body: dict | None = None, timeout: float | None = None) -> Response:
+        """One request answered whole; `timeout` bounds each read (None: as long as it takes)."""
+        connection = UnixConnection(self.path, timeout)
+        try:
+            response = connection.send_request(method, url, body)
+            return Response(response.status, response.read())
+        finally:
+            connection.close()
 
     def alive(self) -> bool:
         try:
-            return self.http.get("/v1/models", timeout=5.0).status_code == 200
-        except self.httpx.HTTPError:
+            return self.request("GET", "/v1/models", timeout=CONNECT_SECONDS).status_code == 200
+        except WIRE_ERRORS:
             return False
 
     def url(self, what: str) -> str:
@@ -93,34 +140,33 @@ class Remote:
         self.ingest_id = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         body = {"paths": absolute, "name": name, "force": force, "sync": sync, "id": self.ingest_id,
                 "stdin_base64": base64.b64encode(stdin).decode() if stdin is not None else None}
-        return RemoteReport(self._json(self._call("POST", self.url("ingest"), json=body)))
+        return RemoteReport(self._json(self._call("POST", self.url("ingest"), body)))
 
     def stop(self, signal_name: str) -> None:
         """Ask the running ingest to stop at its next chunk boundary (from a signal handler:
         on a connection of its own)."""
-        with self.httpx.Client(transport=self.httpx.HTTPTransport(uds=str(self.path)), base_url="http://memllm",
-                                timeout=5.0) as other:
-            try:
-                other.post(f"/api/ingests/{self.ingest_id}/stop", json={"signal": signal_name})
-            except self.httpx.HTTPError:
-                pass  # the ingest ended meanwhile, or the server went: the answer says which
+        try:
+            self.request("POST", f"/api/ingests/{self.ingest_id}/stop", {"signal": signal_name},
+                         timeout=CONNECT_SECONDS)
+        except WIRE_ERRORS:
+            pass  # the ingest ended meanwhile, or the server went: the answer says which
 
     def ingest_text(self, name: str, text: str) -> dict:
         body = {"documents": [{"name": name, "text": text}]}
-        return self._json(self._call("POST", self.url("ingest"), json=body))
+        return self._json(self._call("POST", self.url("ingest"), body))
 
     def forget(self, sources: list[str]) -> dict:
-        return self._json(self._call("POST", self.url("forget"), json={"sources": sources}))
+        return self._json(self._call("POST", self.url("forget"), {"sources": sources}))
 
     def ask(self, question: str, **options) -> RemoteAnswer:
         body = {"question": question, "stream": True, **{k: v for k, v in options.items() if v is not None}}
         return RemoteAnswer(self, body)
 
-    def _call(self, method: str, url: str, **kwargs):
+    def _call(self, method: str, url: str, body: dict | None = None) -> Response:
         try:
-            return self.http.request(method, url, **kwargs)
-        except self.httpx.HTTPError as err:
-            raise ServerGone(str(err)) from None
+            return self.request(method, url, body)
+        except WIRE_ERRORS as err:
+            raise ServerGone(str(err) or type(err).__name__) from None
 
     @staticmethod
     def _json(response) -> dict:
@@ -159,22 +205,25 @@ class RemoteAnswer:
 
     def __iter__(self) -> Iterator[str]:
         remote = self._remote
+        connection = UnixConnection(remote.path)
         try:
-            with remote.http.stream("POST", remote.url("ask"), json=self._body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise_error(response.json())
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    event = json.loads(line[6:])
-                    if "piece" in event:
-                        self.text += event["piece"]
-                        yield event["piece"]
-                    elif "done" in event:
-                        self._done = event["done"]
-        except remote.httpx.HTTPError as err:
-            raise ServerGone(str(err)) from None
+            response = connection.send_request("POST", remote.url("ask"), self._body)
+            if response.status >= 400:
+                raise_error(Response(response.status, response.read()).json())
+            for raw in response:  # server-sent events, a line each
+                line = raw.decode().rstrip("\r\n")
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "piece" in event:
+                    self.text += event["piece"]
+                    yield event["piece"]
+                elif "done" in event:
+                    self._done = event["done"]
+        except WIRE_ERRORS as err:
+            raise ServerGone(str(err) or type(err).__name__) from None
+        finally:
+            connection.close()  # a client that stops reading ends the answer: the server stops generating
         if self._done is None:
             raise ServerGone("the answer was cut short")
         self.info = {k: v for k, v in self._done.items()
