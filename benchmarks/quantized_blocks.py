@@ -36,23 +36,9 @@ FORMATS = {**codec.FORMATS, "int4-g32": {"bits": 4, "key_group": 32, "value_grou
            "int4-layer-k256": {"bits": 4, "key_group": 256, "value_group": 192}}
 
 
-# Tried, not a block format: the scales and minimums themselves stored in 8 bits ("double
-# quantization", as QLoRA does): log-scales and minimums each linear over their layer's range,
-# with an fp16 range per layer and tensor.
-FORMATS.update({"int4-dq": {"bits": 4, "key_group": 128, "value_group": 64, "dq": True},
-                "int4-layer-dq": {"bits": 4, "key_group": 128, "value_group": 192, "dq": True}})
-
-
-def _eight_bits(x: torch.Tensor, log: bool) -> tuple[torch.Tensor, int]:
-    """x (fp16, layer on dim 1) through 8 bits per element, linear over each layer's range
-    (of log x for scales); the bytes it would take (codes, plus two fp16 a layer)."""
-    y = x.float().clamp_min(1e-8).log() if log else x.float()
-    dims = [d for d in range(y.dim()) if d != 1]
-    low, high = y.amin(dim=dims, keepdim=True), y.amax(dim=dims, keepdim=True)
-    step = ((high - low) / 255).clamp_min(1e-12)
-    back = torch.round((y - low) / step) * step + low
-    back = back.exp() if log else back
-    return back.to(torch.float16), x.numel() + 4 * x.shape[1]
+# 8-bit statistics with fewer value groups: two a layer (96 channels), one a layer (192)
+FORMATS.update({"int4-s8-v96": {**codec.FORMATS["int4-s8"], "value_group": 96},
+                "int4-s8-v192": {**codec.FORMATS["int4-s8"], "value_group": 192}})
 
 
 def round_trip(states: dict, fmt: dict | None) -> tuple[dict, int]:
@@ -62,10 +48,6 @@ def round_trip(states: dict, fmt: dict | None) -> tuple[dict, int]:
     found = codec.resolved(fmt, values)
     stored = codec.encode(keys, values, found)
     size = sum(t.numel() * t.element_size() for t in stored.values()) + 4 * len(keys)
-    if fmt and fmt.get("dq"):
-        for name in [n for n in stored if n.endswith((".scale", ".min"))]:
-            stored[name], small = _eight_bits(stored[name], log=name.endswith(".scale"))
-            size += small - stored[name].numel() * 2
     return codec.decode(stored, found), size
 
 

@@ -4,7 +4,8 @@ step, the grouping the literature uses, and 4-bit packing."""
 import pytest
 import torch
 
-from memllm_cli.model.quant import dequantize, quantize, stored_bytes
+from memllm_cli.memory import codec
+from memllm_cli.model.quant import dequantize, quantize, statistics, stored_bytes
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -49,3 +50,35 @@ def test_codes_are_token_major_and_unpadded_and_a_value_group_may_span_heads():
     assert values["codes"].shape == (45, 2, 3, 8) and values["scale"].shape == (45, 2, 1)
     y = dequantize(values, 4, 48, "channels", tuple(x.shape), torch.float32)
     assert float((x - y).abs().max()) <= 0.5 * float(values["scale"].float().max()) + 1e-2
+
+
+@pytest.mark.parametrize("axis, group", [("tokens", 20), ("channels", 16)])
+def test_eight_bit_statistics_cover_every_group_and_round_trip_within_half_a_step(axis, group):
+    torch.manual_seed(1)
+    x = torch.randn(45, 3, 2, 32) * torch.tensor([0.1, 1.0, 30.0])[None, :, None, None]  # layers apart in range
+    x[..., 7] += 50  # an outlier channel
+    q = quantize(x, 4, group, axis, stat_bits=8)
+    assert q["scale"].dtype == q["min"].dtype == torch.uint8
+    assert q["scale.range"].shape == q["min.range"].shape == (3, 2) and q["scale.range"].dtype == torch.float16
+    scale, low = statistics(q)
+    y = dequantize(q, 4, group, axis, tuple(x.shape), torch.float32)
+    # per layer: within half of that layer's largest step, so a small layer is not drowned by a large one
+    for layer in range(3):
+        step = float(scale[:, layer].max())
+        assert float((x - y)[:, layer].abs().max()) <= 0.5 * step * 1.001 + 1e-6
+    plain = quantize(x, 4, group, axis)
+    assert stored_bytes(q) < stored_bytes(plain)
+    with pytest.raises(ValueError, match="stat_bits"):
+        quantize(x, 4, group, axis, stat_bits=4)
+
+
+def test_a_block_with_eight_bit_statistics_reads_its_rows_as_it_reads_whole():
+    torch.manual_seed(2)
+    keys, values = torch.randn(3, 3, 2, 16), torch.randn(3, 3, 2, 16)  # as many tokens as layers
+    found = codec.block_codec("int4-s8", values)
+    stored = codec.encode(keys, values, found)
+    rows = torch.tensor([0, 2])
+    kept = {name: t if codec.whole(name) else t[rows] for name, t in stored.items()}
+    whole = codec.decode(stored, found)
+    some = codec.decode_rows(kept, found, rows)
+    assert torch.equal(some["keys"], whole["keys"][rows]) and torch.equal(some["values"], whole["values"][rows])

@@ -1,14 +1,17 @@
 """How a block stores its keys and values: float16, or quantized (compact blocks).
 
-A block's metadata names its codec (`"codec": {"bits", "key_group", "value_group"}`); a
-block without one is float16, as every block written before compact blocks is, so a memory
-may mix formats and old memories read as they always did. Quantized blocks hold KIVI-style
-codes (model/quant.py): keys per channel over groups of `key_group` tokens, values per token
-over groups of `value_group` channels of a layer.
+A block's metadata names its codec (`"codec": {"bits", "key_group", "value_group",
+"stat_bits"}`); a block without one is float16, as every block written before compact blocks
+is, so a memory may mix formats and old memories read as they always did. Quantized blocks
+hold KIVI-style codes (model/quant.py): keys per channel over groups of `key_group` tokens,
+values per token over groups of `value_group` channels of a layer, their scales and minimums
+in float16 or (`stat_bits` 8) in 8 bits over each layer's range.
 
     tensors of a float16 block:   keys, values (T, L, Hkv, hd) in the memory's dtype, ids (T,)
     tensors of a quantized block: keys.codes, keys.scale, keys.min, values.codes,
                                   values.scale, values.min, ids
+                   and with 8-bit statistics: keys.scale.range, keys.min.range,
+                                  values.scale.range, values.min.range (L, 2)
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ FORMATS: dict[str, dict | None] = {
     "float16": None,
     "int8": {"bits": 8, "key_group": 128, "value_group": 64},
     "int4": {"bits": 4, "key_group": 128, "value_group": 64},
+    "int4-s8": {"bits": 4, "key_group": 128, "value_group": 64, "stat_bits": 8},
 }
-DEFAULT_FORMAT = "int4"  # see docs/design.md, "Compact blocks"
+DEFAULT_FORMAT = "int4-s8"  # see docs/design.md, "Compact blocks"
 PARTS = ("codes", "scale", "min")
+STAT_RANGES = ("scale.range", "min.range")  # with 8-bit statistics
 
 
 def spec(name: str) -> dict | None:
@@ -44,18 +49,28 @@ def names(codec: dict | None) -> tuple[str, ...]:
     """The tensors holding a block's keys and values."""
     if codec is None:
         return ("keys", "values")
-    return tuple(f"{kv}.{part}" for kv in ("keys", "values") for part in PARTS)
+    return tuple(f"{kv}.{part}" for kv in ("keys", "values") for part in _parts(codec))
+
+
+def _parts(codec: dict) -> tuple[str, ...]:
+    return PARTS + STAT_RANGES if codec.get("stat_bits", 16) == 8 else PARTS
+
+
+def whole(name: str) -> bool:
+    """Whether a block tensor is not token-major (key statistics, statistics' ranges): the
+    rows a block keeps when evicted take these whole."""
+    return (name.startswith("keys.") and not name.endswith(".codes")) or name.endswith(".range")
 
 
 def encode(keys: torch.Tensor, values: torch.Tensor, codec: dict | None) -> dict[str, torch.Tensor]:
     """The block tensors for keys and values (T, L, Hkv, hd)."""
     if codec is None:
         return {"keys": keys, "values": values}  # as the memory holds them (float16, or float32 in evaluations)
-    bits = codec["bits"]
+    bits, stat_bits = codec["bits"], codec.get("stat_bits", 16)
     out = {}
     for kv, x, group, axis in (("keys", keys, codec["key_group"], "tokens"),
                                ("values", values, _value_group(codec, values), "channels")):
-        out.update({f"{kv}.{part}": t for part, t in quantize(x, bits, group, axis).items()})
+        out.update({f"{kv}.{part}": t for part, t in quantize(x, bits, group, axis, stat_bits).items()})
     return out
 
 
@@ -67,8 +82,12 @@ def decode(tensors: dict[str, torch.Tensor], codec: dict | None) -> dict[str, to
     full = (tensors["values.codes"].shape[0], *tensors["keys.scale"].shape[1:])
     out = {}
     for kv, group, axis in (("keys", codec["key_group"], "tokens"), ("values", codec["value_group"], "channels")):
-        out[kv] = dequantize({part: tensors[f"{kv}.{part}"] for part in PARTS}, codec["bits"], group, axis, full)
+        out[kv] = dequantize(_of(tensors, kv, codec), codec["bits"], group, axis, full)
     return out
+
+
+def _of(tensors: dict[str, torch.Tensor], kv: str, codec: dict) -> dict[str, torch.Tensor]:
+    return {part: tensors[f"{kv}.{part}"] for part in _parts(codec)}
 
 
 def decode_rows(tensors: dict[str, torch.Tensor], codec: dict | None, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,10 +95,10 @@ def decode_rows(tensors: dict[str, torch.Tensor], codec: dict | None, rows: torc
     for a quantized block, its whole key scales: bit for bit what `decode` gives those rows."""
     if codec is None:
         return {"keys": tensors["keys"], "values": tensors["values"]}
-    keys = dequantize_rows({part: tensors[f"keys.{part}"] for part in PARTS}, codec["bits"], codec["key_group"], rows)
+    keys = dequantize_rows(_of(tensors, "keys", codec), codec["bits"], codec["key_group"], rows)
     count, layers, heads, hd = keys.shape
-    values = dequantize({part: tensors[f"values.{part}"] for part in PARTS}, codec["bits"], codec["value_group"],
-                        "channels", (count, layers, heads, hd))
+    values = dequantize(_of(tensors, "values", codec), codec["bits"], codec["value_group"], "channels",
+                        (count, layers, heads, hd))
     return {"keys": keys, "values": values}
 
 

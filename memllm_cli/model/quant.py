@@ -8,6 +8,12 @@ block (4-bit codes packed two a byte along the channels), so a block's rows can 
 sliced and nothing is padded: the last group of tokens may be shorter than the others.
 Everything is a plain tensor, so a quantized block is still one safetensors file.
 
+The scales and minimums can themselves be stored in 8 bits (`stat_bits=8`; "double
+quantization", as QLoRA does for its scales): log-scales and minimums each uniform over
+their layer's range, the range kept as two float16 numbers a layer (`scale.range`,
+`min.range`, (L, 2)). The codes are then computed against the 8-bit statistics, with the
+minimum rounded down and the scale rounded up so that every group's span is still covered.
+
 Shapes follow blocks: token-major (T, L, Hkv, hd).
 """
 
@@ -16,25 +22,44 @@ from __future__ import annotations
 import torch
 
 BITS = (8, 4)
+STAT_BITS = (16, 8)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> dict[str, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stat_bits: int = 16) -> dict[str, torch.Tensor]:
     """Codes (T, L, Hkv, hd or hd/2), scales and minimums of `x` (T, L, Hkv, hd): per
     channel over groups of `group` tokens (`axis="tokens"`, keys: scales (G, L, Hkv, hd)),
     or per token over groups of `group` channels of a layer (`axis="channels"`, values:
-    scales (T, L, Hkv*hd/group); a group may span heads)."""
+    scales (T, L, Hkv*hd/group); a group may span heads). Scales and minimums are float16,
+    or with `stat_bits=8` uint8 codes plus their layers' ranges (`scale.range`, `min.range`)."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if stat_bits not in STAT_BITS:
+        raise ValueError(f"stat_bits must be one of {STAT_BITS}, got {stat_bits}")
     x = x.float()
     low, high = _group_range(x, group, axis)
     levels = (1 << bits) - 1
-    scale = ((high - low) / levels).clamp_min(1e-8).to(torch.float16)
-    low = low.to(torch.float16)
+    if stat_bits == 16:
+        scale = ((high - low) / levels).clamp_min(1e-8).to(torch.float16)
+        low = low.to(torch.float16)
+        out = {"scale": scale, "min": low}
+    else:
+        low_codes, low_range = _stat_codes(low, log=False, up=False)
+        low = _stat_values(low_codes, low_range, log=False)
+        scale_codes, scale_range = _stat_codes(((high - low) / levels).clamp_min(1e-8), log=True, up=True)
+        scale = _stat_values(scale_codes, scale_range, log=True)
+        out = {"scale": scale_codes, "min": low_codes, "scale.range": scale_range, "min.range": low_range}
     per_scale, per_low = _expand(scale, group, axis, x.shape), _expand(low, group, axis, x.shape)
     codes = torch.round((x - per_low) / per_scale).clamp_(0, levels).to(torch.uint8)  # (T, L, Hkv, hd)
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (T, L, Hkv, hd/2)
-    return {"codes": codes, "scale": scale, "min": low}
+    return {"codes": codes, **out}
+
+
+def statistics(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and minimums of quantized tensors as float32, whether stored in 16 or 8 bits."""
+    if "scale.range" not in q:
+        return q["scale"].float(), q["min"].float()
+    return _stat_values(q["scale"], q["scale.range"], log=True), _stat_values(q["min"], q["min.range"], log=False)
 
 
 def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, shape: tuple[int, ...],
@@ -46,7 +71,7 @@ def dequantize(q: dict[str, torch.Tensor], bits: int, group: int, axis: str, sha
     if bits == 4:
         codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)  # (T, L, Hkv, hd)
     x = codes.to(torch.float32)
-    scale, low = q["scale"].float(), q["min"].float()
+    scale, low = statistics(q)
     if axis == "tokens":  # scale, low: (G, L, Hkv, hd); the last group may be shorter
         full = (t // group) * group
         head = x[:full].view(-1, group, layers, heads, hd)
@@ -67,7 +92,38 @@ def dequantize_rows(q: dict[str, torch.Tensor], bits: int, group: int, rows: tor
     if bits == 4:
         codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
     which = rows // group  # each row's group
-    return (codes.to(torch.float32) * q["scale"].float()[which] + q["min"].float()[which]).to(dtype)
+    scale, low = statistics(q)
+    return (codes.to(torch.float32) * scale[which] + low[which]).to(dtype)
+
+
+def _stat_codes(stat: torch.Tensor, log: bool, up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of a statistic (layer on dim 1), uniform over each layer's range (of its log
+    for scales), rounded up or down; and the ranges, (L, 2) float16, widened to cover it."""
+    y = stat.log() if log else stat
+    dims = [d for d in range(y.dim()) if d != 1]
+    inf = torch.tensor(float("inf"), dtype=torch.float16)
+    low = y.amin(dim=dims).to(torch.float16)
+    high = y.amax(dim=dims).to(torch.float16)
+    low = torch.where(low.float() > y.amin(dim=dims), torch.nextafter(low, -inf), low)  # float16 rounded inwards
+    high = torch.where(high.float() < y.amax(dim=dims), torch.nextafter(high, inf), high)
+    ranges = torch.stack((low, high), dim=1)  # (L, 2)
+    at, step = _stat_grid(ranges, y.dim())
+    position = (y - at) / step
+    codes = (position - 1e-4).ceil() if up else (position + 1e-4).floor()
+    return codes.clamp_(0, 255).to(torch.uint8), ranges
+
+
+def _stat_values(codes: torch.Tensor, ranges: torch.Tensor, log: bool) -> torch.Tensor:
+    at, step = _stat_grid(ranges, codes.dim())
+    y = at + codes.float() * step
+    return y.exp() if log else y
+
+
+def _stat_grid(ranges: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each layer's lowest value and step, shaped to broadcast over a statistic (layer on dim 1)."""
+    shape = [1, -1] + [1] * (dims - 2)
+    low, high = ranges[:, 0].float().view(shape), ranges[:, 1].float().view(shape)
+    return low, ((high - low) / 255).clamp_min(1e-12)
 
 
 def _group_range(x: torch.Tensor, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,11 +262,12 @@ class Repo:
     def is_evicted(self, block: str) -> bool:
         return (self.folder / "evicted" / f"{block}.safetensors").is_file()
 
-    def evict_block(self, block: str, keep_rows: list[int] | None = None) -> int:
+    def evict_block(self, block: str, keep_rows: list[int] | None = None,
+                    whole: Callable[[str], bool] = lambda name: False) -> int:
         """Replace a stored block by its token ids and metadata (written first, so one of the
         two is always there); returns the bytes freed. With `keep_rows` (sorted), the stub also
-        keeps those rows of every token-major tensor, and the other tensors whole (a quantized
-        block's key scales), so the rows a pool holds still read back exactly."""
+        keeps those rows of every token-major tensor, and the tensors `whole` names whole (a
+        quantized block's key scales), so the rows a pool holds still read back exactly."""
         path = self._object("blocks", block)
         size = path.stat().st_size
         ids = self.read_block_ids(block)
@@ -283,7 +284,7 @@ class Repo:
                 for name in f.keys():
                     if name != "ids":
                         t = f.get_tensor(name)
-                        tensors[f"kept.{name}"] = t[rows] if len(t) == len(ids) else t
+                        tensors[f"kept.{name}"] = t if whole(name) else t[rows]
             tensors["kept.rows"] = rows
             evicted.update(rows=len(keep_rows), kept_sha256=_kept_digest(tensors), kept_codec=codec)
         stub = self.folder / "evicted" / f"{block}.safetensors"
