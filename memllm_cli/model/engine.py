@@ -407,6 +407,7 @@ class MemoryModel:
             drafts.extend(proposal[:kept])
             token = picks[kept]
 
+
 def _error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative difference of two tensors (Frobenius)."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
