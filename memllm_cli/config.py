@@ -54,6 +54,9 @@ _TYPES = typing.get_type_hints(Settings)
 KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("home", "cache_dir"))
 _NON_NEGATIVE = {"lock_timeout", "write_context", "read_budget", "gc_keep_long_term"}
 _POSITIVE = {"pool_size", "gc_keep_versions"}
+# a memory's (and a snapshot's) name: a folder name on every system (the store checks it; the
+# CLI's server client too, before a name goes into a URL)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CHOICES = {"block_format": ("float16", "int8", "int4", "int4-s8")}  # memory/codec.py FORMATS (no torch here)
 _SIZES = {"max_disk"}  # bytes, or a string with a unit: "1GB", "500 MiB"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

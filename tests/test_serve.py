@@ -254,6 +254,9 @@ def test_the_cli_goes_through_a_running_server_without_torch(server):
     assert missing.returncode == 4 and "no memory named 'absent'" in missing.stderr
     assert "hint: nothing has been ingested" in missing.stderr or "hint: known memories: notes" in missing.stderr
     assert cli(server, "-m", "absent", "--no-server", "ask", "anything?").returncode == 4
+    for bad in ("../etc", "my notes", "notizen-\u00e4"):  # never a URL of another route, nor a client crash
+        refused = cli(server, "-m", bad, "status")
+        assert refused.returncode == 4 and f"invalid memory name {bad!r}" in refused.stderr, refused.stderr
 
 
 def test_the_cli_falls_back_in_process_when_the_server_was_killed(server):

@@ -21,6 +21,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import (
     Busy,
@@ -52,7 +53,7 @@ def connect(options: dict, no_server: bool = False) -> Remote | None:
         return None
     if any(options.get(k) for k in ("model", "device", "dtype")):
         return None  # the server runs its own model settings
-    from ..config import load_settings
+    from ..config import NAME, load_settings
     from . import socket_path
 
     try:
@@ -60,8 +61,8 @@ def connect(options: dict, no_server: bool = False) -> Remote | None:
     except ConfigError:
         return None  # in-process reports it
     path = socket_path(settings.home)
-    if not path.exists():
-        return None
+    if not path.exists() or not NAME.match(settings.memory):
+        return None  # no server; or a memory name in-process refuses with the store's own message
     remote = Remote(path, settings.memory)
     if not remote.alive():
         print(f"memllm: no server answers at {path} (stopped or killed); running in-process", file=sys.stderr)
@@ -126,7 +127,7 @@ class Remote:
             return False
 
     def url(self, what: str) -> str:
-        return f"/api/memories/{self.memory}/{what}"
+        return f"/api/memories/{quote(self.memory, safe='')}/{what}"  # a plain name (connect checks it)
 
     def status(self) -> dict:
         return self._json(self._call("GET", self.url("status")))

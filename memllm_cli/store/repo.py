@@ -55,6 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from ..clock import now
+from ..config import NAME
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 
 
@@ -69,7 +70,6 @@ class DamagedBlock(StoreError):
 log = logging.getLogger("memllm")
 
 FORMAT = 3  # 3: blocks may be quantized (a codec in their metadata); see migrations.py
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 INFO = "memory.json"
 
@@ -97,7 +97,7 @@ class Store:
 
     def open(self, name: str) -> Repo:
         """The handle of memory `name` (which need not exist yet)."""
-        if not _NAME.match(name):
+        if not NAME.match(name):
             raise MemoryNotFound(
                 f"invalid memory name {name!r}",
                 hint="use letters, digits, '.', '_' and '-' (at most 64, not starting with '.')",
@@ -484,16 +484,16 @@ class Repo:
 
     def resolve_tag(self, tag: str) -> str | None:
         """The version a snapshot names (None: no such snapshot); StoreError when garbled."""
-        return self._ref(f"tags/{tag}") if _NAME.match(tag) and tag != "HEAD" else None
+        return self._ref(f"tags/{tag}") if NAME.match(tag) and tag != "HEAD" else None
 
     def set_tag(self, tag: str, version: str) -> None:
-        if not _NAME.match(tag) or tag == "HEAD":
+        if not NAME.match(tag) or tag == "HEAD":
             raise InputError(f"invalid snapshot name {tag!r}", hint="use letters, digits, '.', '_' and '-'")
         self._set_ref(f"tags/{tag}", version)
 
     def delete_tag(self, tag: str) -> None:
         path = self.folder / "refs" / "tags" / tag
-        if not _NAME.match(tag) or not path.is_file():
+        if not NAME.match(tag) or not path.is_file():
             raise InputError(f"no snapshot named {tag!r}", hint=_known(list(self.tags()), "snapshots"))
         path.unlink()
         _fsync_dir(path.parent)
