@@ -102,10 +102,10 @@ def _stat_codes(stat: torch.Tensor, log: bool, up: bool) -> tuple[torch.Tensor, 
     y = stat.log() if log else stat
     dims = [d for d in range(y.dim()) if d != 1]
     inf = torch.tensor(float("inf"), dtype=torch.float16)
-    low = y.amin(dim=dims).to(torch.float16)
-    high = y.amax(dim=dims).to(torch.float16)
-    low = torch.where(low.float() > y.amin(dim=dims), torch.nextafter(low, -inf), low)  # float16 rounded inwards
-    high = torch.where(high.float() < y.amax(dim=dims), torch.nextafter(high, inf), high)
+    lowest, highest = y.amin(dim=dims), y.amax(dim=dims)
+    low, high = lowest.to(torch.float16), highest.to(torch.float16)
+    low = torch.where(low.float() > lowest, torch.nextafter(low, -inf), low)  # float16 rounded inwards
+    high = torch.where(high.float() < highest, torch.nextafter(high, inf), high)
     ranges = torch.stack((low, high), dim=1)  # (L, 2)
     at, step = _stat_grid(ranges, y.dim())
     position = (y - at) / step

@@ -21,7 +21,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 from ..errors import (
     Busy,
@@ -92,8 +91,12 @@ class UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_SECONDS if self.timeout is None else self.timeout)
-        sock.connect(self.path)
+        try:
+            sock.settimeout(CONNECT_SECONDS if self.timeout is None else self.timeout)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
         sock.settimeout(self.timeout)  # None: an ingest or an answer may take minutes
         self.sock = sock
 
@@ -127,7 +130,7 @@ class Remote:
             return False
 
     def url(self, what: str) -> str:
-        return f"/api/memories/{quote(self.memory, safe='')}/{what}"  # a plain name (connect checks it)
+        return f"/api/memories/{self.memory}/{what}"  # a plain name: connect checks it (config.NAME)
 
     def status(self) -> dict:
         return self._json(self._call("GET", self.url("status")))
