@@ -7,11 +7,13 @@ prompt baselines, in the text it is given), so every measured figure has a known
 
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -268,8 +270,8 @@ class FakeScaleSubject:
 
     def ask_stored(self, stored, question):
         code = question.split("item ")[1].rstrip("?")
-        found = any(f"code{code}." in text for _, text in stored)
-        return (f"code{code}" if found else "no idea"), 0.01
+        read = [name for name, text in stored if f"code{code}." in text]
+        return (f"code{code}" if read else "no idea"), 0.01, read
 
     def ask_text(self, texts, question):
         return "code" + question.split("item ")[1].rstrip("?")
@@ -279,6 +281,7 @@ class FakeScaleSubject:
 
     def close(self, stored):
         self.closed.append(stored)
+        return None
 
 
 def test_scale_grows_one_memory_and_asks_only_what_it_holds(data):
@@ -290,6 +293,7 @@ def test_scale_grows_one_memory_and_asks_only_what_it_holds(data):
     assert all(r["memory_correct"] == r["prompt_correct"] == r["questions"] == min(5, r["gold_notes"]) for r in runs)
     assert runs[1]["gold_notes"] > runs[0]["gold_notes"] > 0  # gold passages spread over the whole memory
     assert all(r["disk_bytes_per_token"] == 10 for r in runs)
+    assert all(r["read_gold"] == r["questions"] and all(a["read_gold"] for a in r["asked"]) for r in runs)
     assert len(subject.stores) == 1 and subject.closed == subject.stores  # one memory, removed at the end
     gold = sum(1 for name, _ in subject.stores[0] if name.startswith("nq/"))
     assert 0 < gold < len(subject.stores[0])  # gold among filler
@@ -311,3 +315,15 @@ def test_cli_bench_scale_on_a_tiny_model(tmp_path, env_model, monkeypatch):
     assert all(r["disk_bytes_per_token"] > 0 and r["ingest_over_plain"] > 0 for r in runs)
     assert (out / "scale.png").read_bytes()[:4] == b"\x89PNG"
     assert list(scratch.iterdir()) == []  # the benchmark's memory is removed
+    assert all(r["read_gold"] is not None and len(r["asked"]) == r["questions"] for r in runs)
+    kept = subprocess.run(
+        [sys.executable, "-m", "memllm_cli", "bench", "scale", "--data", str(data), "--size", "1000",
+         "--questions", "1", "--max-tokens", "2", "--json", "--keep"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert kept.returncode == 0, kept.stderr
+    home = json.loads(kept.stdout)["memory_home"]
+    assert f"MEMLLM_HOME={home}" in kept.stderr and Path(home).parent == scratch
+    status = subprocess.run([sys.executable, "-m", "memllm_cli", "-m", "scale", "status", "--json"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "MEMLLM_HOME": home})
+    assert status.returncode == 0 and json.loads(status.stdout)["tokens"] > 0, status.stderr

@@ -31,7 +31,7 @@ def tensors_and_codec(path):
         return set(f.keys()), codec.of(json.loads(f.metadata()["memllm"]))
 
 
-@pytest.mark.parametrize("block_format", ["int8", "int4", "int4-s8"])
+@pytest.mark.parametrize("block_format", ["int8", "int4", "int4-s8", "int4-s8-zstd"])
 def test_a_quantized_memory_reads_back_what_it_wrote(tiny_dir, block_format):
     service = with_format(tiny_dir, block_format)
     memory = service.scratch_memory(pool_size=512, write_context=64, seed=3)
@@ -45,14 +45,15 @@ def test_a_quantized_memory_reads_back_what_it_wrote(tiny_dir, block_format):
     memory.load_states()  # RAM holds what the blocks decode to, so a later process continues alike
     assert torch.equal(loaded.pool.keys, memory.pool.keys) and torch.equal(loaded.pool.values, memory.pool.values)
     names, found = tensors_and_codec(block_files(service)[0])
-    assert found["bits"] == int(block_format[3]) and "keys" not in names and "keys.codes" in names
+    assert found["bits"] == int(block_format[3]) and "keys" not in names
+    assert ("keys.codes.zstd" if block_format.endswith("zstd") else "keys.codes") in names
     assert ("keys.scale.range" in names) == (found.get("stat_bits") == 8)
     assert service.verify()["ok"]
 
 
 def test_compact_blocks_are_smaller_and_answer_alike(tiny_dir):
     sizes, answers = {}, {}
-    for block_format in ("float16", "int8", "int4", "int4-s8"):
+    for block_format in ("float16", "int8", "int4", "int4-s8", "int4-s8-zstd"):
         service = with_format(tiny_dir, block_format, memory=block_format)
         service.ingest_documents([Document.of("a.txt", NOTE * 8)])
         sizes[block_format] = sum(p.stat().st_size for p in block_files(service))
@@ -61,6 +62,8 @@ def test_compact_blocks_are_smaller_and_answer_alike(tiny_dir):
         assert service.status()["block_format"] == block_format
     assert sizes["int8"] < sizes["float16"] / 1.7 and sizes["int4"] < sizes["float16"] / 3
     assert sizes["int4-s8"] < sizes["int4"]  # the same codes, smaller statistics
+    assert sizes["int4-s8-zstd"] < sizes["int4-s8"]  # the same codes, entropy-coded
+    assert answers["int4-s8-zstd"] == answers["int4-s8"]  # lossless
     assert answers["int8"] == answers["float16"]  # a random tiny model; 8 bits change no greedy token here
 
 

@@ -239,7 +239,7 @@ def test_a_rollback_to_a_pool_of_evicted_blocks_reads_them_recomputed(tiny_dir):
     assert service.verify()["ok"]
 
 
-@pytest.mark.parametrize("block_format", ["int4", "int4-s8", "float16"])
+@pytest.mark.parametrize("block_format", ["int4", "int4-s8", "int4-s8-zstd", "float16"])
 def test_pool_blocks_keep_the_rows_the_pool_holds_bit_for_bit(tiny_dir, block_format):
     service = service_with(tiny_dir, block_format=block_format)
     service.ingest_documents(notes(12))

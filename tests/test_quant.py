@@ -72,13 +72,45 @@ def test_eight_bit_statistics_cover_every_group_and_round_trip_within_half_a_ste
         quantize(x, 4, group, axis, stat_bits=4)
 
 
-def test_a_block_with_eight_bit_statistics_reads_its_rows_as_it_reads_whole():
+@pytest.mark.parametrize("block_format", ["int4-s8", "int4-s8-zstd"])
+def test_a_block_with_eight_bit_statistics_reads_its_rows_as_it_reads_whole(block_format):
     torch.manual_seed(2)
     keys, values = torch.randn(3, 3, 2, 16), torch.randn(3, 3, 2, 16)  # as many tokens as layers
-    found = codec.block_codec("int4-s8", values)
+    found = codec.block_codec(block_format, values)
     stored = codec.encode(keys, values, found)
     rows = torch.tensor([0, 2])
-    kept = {name: t if codec.whole(name) else t[rows] for name, t in stored.items()}
+    kept, kept_codec = codec.kept_rows(stored, found, rows)
+    assert "entropy" not in kept_codec and kept["values.codes"].shape[0] == 2  # kept rows are plain codes
     whole = codec.decode(stored, found)
-    some = codec.decode_rows(kept, found, rows)
+    some = codec.decode_rows(kept, kept_codec, rows)
     assert torch.equal(some["keys"], whole["keys"][rows]) and torch.equal(some["values"], whole["values"][rows])
+
+
+def test_entropy_coded_codes_read_back_bit_for_bit_and_smaller():
+    torch.manual_seed(3)
+    keys, values = torch.randn(300, 4, 2, 32), torch.randn(300, 4, 2, 32)
+    plain = codec.encode(keys, values, codec.block_codec("int4-s8", values))
+    found = codec.block_codec("int4-s8-zstd", values)
+    coded = codec.encode(keys, values, found)
+    assert set(codec.names(found)) == set(coded) and "keys.codes.zstd" in coded and "keys.codes" not in coded
+    for kv in ("keys", "values"):  # lossless: what the codes decode to is what int4-s8 stores
+        assert coded[f"{kv}.codes.zstd"].numel() < 0.97 * plain[f"{kv}.codes"].numel()
+    a, b = codec.decode(coded, found), codec.decode(plain, codec.block_codec("int4-s8", values))
+    assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["values"], b["values"])
+
+
+def test_damaged_entropy_coded_codes_are_refused_not_misread():
+    torch.manual_seed(4)
+    keys, values = torch.randn(40, 2, 2, 16), torch.randn(40, 2, 2, 16)
+    found = codec.block_codec("int4-s8-zstd", values)
+    good = codec.encode(keys, values, found)
+    flipped = good["values.codes.zstd"].clone()
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the compressed data: the frame checksum fails
+    cut = good["keys.codes.zstd"][:-9]
+    other = codec.encode(keys[:20], values[:20], found)["keys.codes.zstd"]  # a valid frame of another size
+    for name, bad in (("values.codes.zstd", flipped), ("keys.codes.zstd", cut), ("keys.codes.zstd", other),
+                      ("keys.codes.zstd", torch.zeros(3, dtype=torch.uint8))):
+        with pytest.raises(codec.Undecodable):
+            codec.decode({**good, name: bad}, found)
+    with pytest.raises(codec.Undecodable, match="entropy coder"):
+        codec.decode(good, {**found, "entropy": "brotli"})

@@ -6,8 +6,9 @@ shipped on the machine (the Python standard library's modules, at paragraph boun
 At each size: ingest tokens/s beside a plain forward pass over notes of the same segment,
 disk bytes per ingested token, the process's resident memory after asking, ask time to the
 first token (median and p95, the memory loaded from disk for every question, as `ask`
-does), and the accuracy of the questions whose passages are in memory against the same
-questions with the gold passage alone in the prompt.
+does), the accuracy of the questions whose passages are in memory against the same
+questions with the gold passage alone in the prompt, and how often the answer read the
+question's own note (so a miss can be told apart as retrieval's or the reading's).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class ScaleSubject(Protocol):
     def plain_forward(self, text: str) -> None: ...
     def stored_memory(self) -> Any: ...  # an empty stored memory, removed by `close`
     def ingest(self, stored: Any, notes: list[tuple[str, str]]) -> int: ...  # returns the tokens written
-    def ask_stored(self, stored: Any, question: str) -> tuple[str, float]: ...  # (answer, first token seconds)
+    # (answer, first token seconds, the notes the answer read: None where the subject cannot tell)
+    def ask_stored(self, stored: Any, question: str) -> tuple[str, float, list[str] | None]: ...
     def ask_text(self, texts: list[str], question: str) -> str: ...
     def disk_bytes(self, stored: Any) -> int: ...
-    def close(self, stored: Any) -> None: ...
+    def close(self, stored: Any) -> str | None: ...  # removes the memory, or says where it is kept
 
 
 def filler_notes(root: Path | None = None) -> Iterator[tuple[str, str]]:
@@ -99,12 +101,15 @@ def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_S
             asked_in += golds
             progress.advance(1, f"scale: asking at {ingested:,} tokens")
             chosen = random.Random(seed + size).sample(asked_in, min(questions, len(asked_in)))
-            memory_right, prompt_right, first = 0, 0, []
+            first, asked = [], []
             for item in chosen:
-                answer, first_token = subject.ask_stored(stored, item.question)
-                memory_right += is_correct(answer, item.answers)
-                prompt_right += is_correct(subject.ask_text([item.passage], item.question), item.answers)
+                answer, first_token, read = subject.ask_stored(stored, item.question)
+                asked.append({"row": item.row, "memory": is_correct(answer, item.answers),
+                              "prompt": is_correct(subject.ask_text([item.passage], item.question), item.answers),
+                              "read_gold": None if read is None else gold_name(item) in read})
                 first.append(first_token)
+            memory_right, prompt_right = sum(a["memory"] for a in asked), sum(a["prompt"] for a in asked)
+            told = [a["read_gold"] for a in asked if a["read_gold"] is not None]
             rate = written / seconds if seconds else None
             runs.append({
                 "tokens": ingested, "notes": len(batch), "gold_notes": len(asked_in),
@@ -117,10 +122,12 @@ def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_S
                 "first_token_s": _quantiles(first),
                 "questions": len(chosen), "memory_correct": memory_right, "prompt_correct": prompt_right,
                 "memory_over_prompt": round(memory_right / prompt_right, 3) if prompt_right else None,
+                "read_gold": sum(told) if told else None,  # answers that read the question's own note
+                "asked": asked,
             })
             progress.advance(1)
     finally:
-        subject.close(stored)
+        kept = subject.close(stored)
         progress.finish()
     return {
         "benchmark": "scale", "data": data.describe(),
@@ -129,6 +136,7 @@ def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_S
         "runs": runs,
         "ingest_tokens_per_s": round(ingested / seconds_total, 1) if seconds_total else None,
         "seconds": round(time.perf_counter() - started, 1),
+        **({"memory_home": kept} if kept else {}),
     }
 
 
@@ -145,7 +153,7 @@ def _notes(gold: list[Item], filler: Iterator[tuple[str, str]], share: float,
             if item is not None:
                 count = subject.count(item.passage)
                 gold_tokens += count
-                yield f"nq/{item.row}.txt", item.passage, item, count
+                yield gold_name(item), item.passage, item, count
                 continue
         note = next(filler, None)
         if note is None:
@@ -156,6 +164,11 @@ def _notes(gold: list[Item], filler: Iterator[tuple[str, str]], share: float,
         count = subject.count(note[1])
         filler_tokens += count
         yield f"notes/{note[0]}", note[1], None, count
+
+
+def gold_name(item: Item) -> str:
+    """The note a gold passage is ingested as."""
+    return f"nq/{item.row}.txt"
 
 
 def _plain_rate(subject: ScaleSubject, texts: list[str]) -> float:

@@ -17,6 +17,7 @@ class ServiceSubject:
         self.service = service
         self.budget = service.budget(budget)
         self.max_new_tokens = max_new_tokens
+        self.keep_memory = False  # bench scale --keep: leave the grown memory where it was made
         self.base = service.stored_copy(base_memory) if base_memory else None
         probe = service.scratch_memory()
         self.pool_size = probe.pool_size
@@ -122,18 +123,24 @@ class ServiceSubject:
 
         return stored.ingest_documents([Document.of(name, text) for name, text in notes]).tokens
 
-    def ask_stored(self, stored, question: str) -> tuple[str, float]:
+    def ask_stored(self, stored, question: str) -> tuple[str, float, list[str] | None]:
         answer = stored.ask(question, max_new_tokens=self.max_new_tokens, budget=self.budget)
         text = "".join(answer)
-        return text, answer.first_token_seconds or answer.seconds
+        read = answer.info.get("sources")
+        names = None if read is None else [s["source"] for s in read]
+        return text, answer.first_token_seconds or answer.seconds, names
 
     def disk_bytes(self, stored) -> int:
         return stored.repo.disk_bytes()
 
-    def close(self, stored) -> None:
+    def close(self, stored) -> str | None:
+        """Remove the memory, or with `keep_memory` (memllm bench scale --keep) say where it is."""
         import shutil
 
+        if self.keep_memory:
+            return str(stored.settings.home)
         shutil.rmtree(stored.settings.home, ignore_errors=True)
+        return None
 
 
 def environment(subject: Subject) -> dict:

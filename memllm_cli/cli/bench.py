@@ -31,11 +31,12 @@ TokensOption = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens g
 
 
 def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, out: Path | None,
-           max_tokens: int, base_memory: str | None = None, **settings) -> dict:
+           max_tokens: int, base_memory: str | None = None, keep: bool = False, **settings) -> dict:
     from .. import bench
 
     dataset = bench.load_data(data, bench.parse_rows(rows))
     subject = bench.ServiceSubject(service(ctx, **settings), max_new_tokens=max_tokens, base_memory=base_memory)
+    subject.keep_memory = keep
     progress = progress_for(False, False, "steps")
     result = run(bench, subject, dataset, progress)
     result["environment"] = bench.environment(subject)
@@ -151,6 +152,8 @@ def bench_scale(
     max_tokens: TokensOption = 32,
     max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="The memory's disk budget "
                                                  "(1GB): evicted blocks are recomputed when read.")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the grown memory (its home is printed) to ask "
+                                       "it more: MEMLLM_HOME=that memllm -m scale ask ...")] = False,
     as_json: JsonOption = False,
     out: OutOption = None,
 ) -> None:
@@ -158,7 +161,8 @@ def bench_scale(
     real text) to each size, and report there ingest tokens/s against a plain forward pass,
     disk bytes per token, resident memory, ask first-token latency (median, p95) and the
     accuracy of the gold questions against the gold passage alone in the prompt. The memory
-    lives in a temporary folder (under $MEMLLM_BENCH_DIR if set) and is removed after.
+    lives in a temporary folder (under $MEMLLM_BENCH_DIR if set) and is removed after,
+    unless --keep.
 
     Examples:
       memllm bench scale --data nq-open-oracle.jsonl.gz --out results/
@@ -167,20 +171,24 @@ def bench_scale(
     chosen = sorted(sizes or [])
     result = _bench(ctx, "scale", lambda bench, subject, dataset, progress: bench.scale(
         subject, dataset, sizes=chosen or bench.DEFAULT_SIZES, questions=questions, seed=seed, progress=progress),
-        data=data, rows=rows, out=out, max_tokens=max_tokens, max_disk=disk_size(max_disk))
+        data=data, rows=rows, out=out, max_tokens=max_tokens, keep=keep, max_disk=disk_size(max_disk))
     emit(result, as_json, lambda: _scale_table(result))
+    if keep and result.get("memory_home"):
+        err(f"memllm: the memory is kept: MEMLLM_HOME={result['memory_home']} memllm -m scale status")
 
 
 def _scale_table(result: dict) -> None:
     rows = table("tokens", "ingest tok/s", "x plain", "disk B/token", "disk", "RSS", "first token (median, p95)",
-                 "memory / prompt correct", title=f"memllm bench scale, {result['environment']['model']['name']}")
+                 "memory / prompt correct", "read own note",
+                 title=f"memllm bench scale, {result['environment']['model']['name']}")
     for r in result["runs"]:
         first = r["first_token_s"] or {}
         rows.add_row(f"{r['tokens']:,}", f"{r['ingest_tokens_per_s'] or 0:.0f}", f"{r['ingest_over_plain'] or 0:.2f}",
                      f"{r['disk_bytes_per_token']:,.0f}", size(r["disk_bytes"]),
                      size(r["rss_bytes"]) if r["rss_bytes"] else "-",
                      f"{first.get('median', 0):.2f} s, {first.get('p95', 0):.2f} s",
-                     f"{r['memory_correct']}/{r['prompt_correct']} of {r['questions']}")
+                     f"{r['memory_correct']}/{r['prompt_correct']} of {r['questions']}",
+                     "-" if r.get("read_gold") is None else f"{r['read_gold']} of {r['questions']}")
     show(rows)
     print(f"{result['seconds']:.0f} s; data {result['data']['path']} rows {result['data']['rows']}")
 

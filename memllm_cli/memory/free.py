@@ -176,7 +176,7 @@ class FreeMemory(Memory):
         an evicted block's, recomputed (or read from where they were cached)."""
         library = self.library
         try:
-            return codec.decode(library.read_block_checked(digest, codec.names(found)), found)
+            return _decoded(library.read_block_checked(digest, codec.names(found)), found, library, digest)
         except StoreError:
             if library.has_block(digest) or not library.is_evicted(digest):
                 raise  # damaged, or missing: not evicted (eviction writes what it keeps first)
@@ -189,10 +189,12 @@ class FreeMemory(Memory):
         if cached is not None:
             tensors, meta = cached
             found = codec.of(meta)
-            if all(name in tensors for name in codec.names(found)):
-                states = codec.decode(tensors, found)
-                if all(bool(torch.isfinite(t).all()) for t in states.values()):
-                    return states  # else damaged: computed again below
+            try:
+                states = codec.decode(tensors, found) if all(name in tensors for name in codec.names(found)) else {}
+            except codec.Undecodable:
+                states = {}
+            if states and all(bool(torch.isfinite(t).all()) for t in states.values()):
+                return states  # else damaged: computed again below
         ids = self.library.read_block_ids(digest)
         if not ids:
             raise StoreError(f"evicted block {digest[:12]} keeps no token ids to recompute it from")
@@ -218,7 +220,7 @@ class FreeMemory(Memory):
         found = codec.of(self.library.block_meta(digest))
         if found is None:
             return self.library.read_block_rows(digest, rows.tolist(), ("keys", "values"))
-        states = codec.decode(self.library.read_block_rows(digest, None, codec.names(found)), found)
+        states = _decoded(self.library.read_block_rows(digest, None, codec.names(found)), found, self.library, digest)
         return {name: t[rows] for name, t in states.items()}
 
     def _trim_ram(self) -> None:
@@ -517,3 +519,13 @@ class FreeMemory(Memory):
     @classmethod
     def baselines(cls) -> frozenset[str]:
         return frozenset({"pool", "prompt", "bm25", "closed-book"})
+
+
+def _decoded(tensors: dict[str, torch.Tensor], found: dict | None, library: BlockSource,
+             digest: str) -> dict[str, torch.Tensor]:
+    """A block's keys and values from its stored tensors; a block that does not decode is damaged."""
+    try:
+        return codec.decode(tensors, found)
+    except codec.Undecodable as err:
+        raise StoreError(f"memory {library.name!r} is damaged: block {digest[:12]} cannot be decoded: {err}",
+                         hint="see memllm verify") from None

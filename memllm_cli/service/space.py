@@ -74,7 +74,7 @@ def fit(repo, max_disk: int) -> dict:
         if used - freed <= target or 2 * len(held[block]) > tokens[block]:
             break
         try:
-            freed += repo.evict_block(block, keep_rows=sorted(held[block]), whole=codec.whole)
+            freed += repo.evict_block(block, keep_rows=sorted(held[block]), keep=codec.kept_rows)
         except (StoreError, OSError) as err:
             log.warning("block %s is not trimmed: %s", block[:12], err)
             continue

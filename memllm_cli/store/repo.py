@@ -58,6 +58,9 @@ from ..clock import now
 from ..config import NAME
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 
+# What an evicted block keeps of its tensors: (tensors, codec, rows) -> (kept tensors, their codec)
+Keep = Callable[[dict[str, torch.Tensor], dict | None, torch.Tensor], tuple[dict[str, torch.Tensor], dict | None]]
+
 
 class DamagedBlock(StoreError):
     """A block read for an answer or a write is missing, or not what was stored."""
@@ -262,12 +265,13 @@ class Repo:
     def is_evicted(self, block: str) -> bool:
         return (self.folder / "evicted" / f"{block}.safetensors").is_file()
 
-    def evict_block(self, block: str, keep_rows: list[int] | None = None,
-                    whole: Callable[[str], bool] = lambda name: False) -> int:
+    def evict_block(self, block: str, keep_rows: list[int] | None = None, keep: Keep | None = None) -> int:
         """Replace a stored block by its token ids and metadata (written first, so one of the
         two is always there); returns the bytes freed. With `keep_rows` (sorted), the stub also
-        keeps those rows of every token-major tensor, and the tensors `whole` names whole (a
-        quantized block's key scales), so the rows a pool holds still read back exactly."""
+        keeps those rows: what `keep` makes of the block's tensors (but ids), its codec and the
+        rows (memory/codec.py `kept_rows`: a quantized block keeps its key scales whole, its
+        codes uncompressed); without `keep`, those rows of every tensor (a float16 block). So
+        the rows a pool holds still read back exactly."""
         path = self._object("blocks", block)
         size = path.stat().st_size
         ids = self.read_block_ids(block)
@@ -281,10 +285,9 @@ class Repo:
         if keep_rows is not None:
             rows = torch.tensor(keep_rows, dtype=torch.int64)
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    if name != "ids":
-                        t = f.get_tensor(name)
-                        tensors[f"kept.{name}"] = t if whole(name) else t[rows]
+                stored = {name: f.get_tensor(name) for name in f.keys() if name != "ids"}
+            kept, codec = keep(stored, codec, rows) if keep else ({n: t[rows] for n, t in stored.items()}, codec)
+            tensors.update({f"kept.{name}": t for name, t in kept.items()})
             tensors["kept.rows"] = rows
             evicted.update(rows=len(keep_rows), kept_sha256=_kept_digest(tensors), kept_codec=codec)
         stub = self.folder / "evicted" / f"{block}.safetensors"
@@ -612,8 +615,8 @@ class Repo:
                 elif kind == "blocks":
                     try:
                         with safe_open(path, framework="pt") as f:
-                            # tokens: the first axis of keys (float16), of codes (compact) or of rows (trained)
-                            rows = next(k for k in ("keys", "values.codes", "rows", *f.keys()) if k in f.keys())
+                            # tokens: the first axis of keys (float16), of ids (compact), of codes or of rows (trained)
+                            rows = next(k for k in ("keys", "ids", "values.codes", "rows", *f.keys()) if k in f.keys())
                             good_blocks[digest] = f.get_slice(rows).get_shape()[0]
                     except (OSError, SafetensorError) as err:
                         report.damaged.append(f"block {digest[:12]}: unreadable: {err}")
