@@ -63,7 +63,7 @@ def test_eight_passages_in_memory_reach_80_percent_of_the_prompt_baseline():
 
 @pytest.mark.skipif(not DATA.is_file(), reason=f"evaluation data not found at {DATA}")
 def test_sixteen_passages_in_one_memory_are_read_within_the_budget():
-    """The default read (BM25-best blocks within 1,024 tokens) answers as the one-passage
+    """The default read (BM25-best blocks within the read budget) answers as the one-passage
     prompt does, where reading the whole pool drowns the model (docs/design.md: 10/16 vs 4/16
     on these rows on the development machine)."""
     import hashlib

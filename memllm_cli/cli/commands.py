@@ -154,7 +154,7 @@ def ask(
     budget: Annotated[int | None, typer.Option("--budget", min=0, help="Most memory tokens to read: the parts "
                                                "most relevant to the question, from the pool and the long-term "
                                                "tier; 0 reads the whole pool [config: read_budget; default: "
-                                               "1024].")] = None,
+                                               "512].")] = None,
     sources: Annotated[bool, typer.Option("--sources", help="After the answer, list the documents it read "
                                           "(path, chunk, excerpt), most relevant first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print {answer, grounded, model, memory, tokens, "

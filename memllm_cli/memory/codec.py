@@ -85,7 +85,7 @@ def kept_rows(tensors: dict[str, torch.Tensor], codec: dict | None,
     statistics' ranges), codes no longer entropy-coded; and the codec they decode with
     (`decode_rows`)."""
     if codec is not None and _entropy(codec):
-        tensors, codec = _plain_codes(tensors, codec), {k: v for k, v in codec.items() if k != "entropy"}
+        tensors, codec = plain_codes(tensors, codec), {k: v for k, v in codec.items() if k != "entropy"}
     return {name: t if _whole(name) else t[rows] for name, t in tensors.items()}, codec
 
 
@@ -103,16 +103,21 @@ def encode(keys: torch.Tensor, values: torch.Tensor, codec: dict | None) -> dict
     for kv, x, group, axis in (("keys", keys, codec["key_group"], "tokens"),
                                ("values", values, _value_group(codec, values), "channels")):
         out.update({f"{kv}.{part}": t for part, t in quantize(x, bits, group, axis, stat_bits).items()})
-    if _entropy(codec):
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
-        for kv in ("keys", "values"):
-            codes = out.pop(f"{kv}.codes").contiguous()
-            out[f"{kv}.codes{ZSTD}"] = torch.frombuffer(bytearray(compressor.compress(codes.numpy().data)),
-                                                        dtype=torch.uint8)
+    return entropy_coded(out) if _entropy(codec) else out
+
+
+def entropy_coded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A quantized block's tensors with its two code tensors zstd-compressed (one frame each)."""
+    out = dict(tensors)
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    for kv in ("keys", "values"):
+        codes = out.pop(f"{kv}.codes").contiguous()
+        out[f"{kv}.codes{ZSTD}"] = torch.frombuffer(bytearray(compressor.compress(codes.numpy().data)),
+                                                    dtype=torch.uint8)
     return out
 
 
-def _plain_codes(tensors: dict[str, torch.Tensor], codec: dict) -> dict[str, torch.Tensor]:
+def plain_codes(tensors: dict[str, torch.Tensor], codec: dict) -> dict[str, torch.Tensor]:
     """The tensors with entropy-coded codes decoded, checked against the shape the block's
     statistics give them: T from the value statistics (T, L, groups), (L, Hkv, hd) from the
     key statistics (G, L, Hkv, hd)."""
@@ -148,7 +153,7 @@ def decode(tensors: dict[str, torch.Tensor], codec: dict | None) -> dict[str, to
     The shape is the block's own: T from the value codes, (L, Hkv, hd) from the key scales."""
     if codec is None:
         return {"keys": tensors["keys"], "values": tensors["values"]}
-    tensors = _plain_codes(tensors, codec)
+    tensors = plain_codes(tensors, codec)
     full = (tensors["values.codes"].shape[0], *tensors["keys.scale"].shape[1:])
     out = {}
     for kv, group, axis in (("keys", codec["key_group"], "tokens"), ("values", codec["value_group"], "channels")):
@@ -165,7 +170,7 @@ def decode_rows(tensors: dict[str, torch.Tensor], codec: dict | None, rows: torc
     for a quantized block, its whole key scales: bit for bit what `decode` gives those rows."""
     if codec is None:
         return {"keys": tensors["keys"], "values": tensors["values"]}
-    tensors = _plain_codes(tensors, codec)
+    tensors = plain_codes(tensors, codec)
     keys = dequantize_rows(_of(tensors, "keys", codec), codec["bits"], codec["key_group"], rows)
     count, layers, heads, hd = keys.shape
     values = dequantize(_of(tensors, "values", codec), codec["bits"], codec["value_group"], "channels",

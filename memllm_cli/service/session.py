@@ -31,7 +31,7 @@ from . import space
 log = logging.getLogger("memllm")
 
 CHECKPOINT_SECONDS = 60.0  # a long ingest commits this often, at chunk boundaries
-READ_BUDGET = 1024  # tokens ask reads by default (docs/design.md, "Reading within a budget")
+READ_BUDGET = 512  # tokens ask reads by default (docs/design.md, "Reading within a budget")
 MAX_SEED = (1 << 64) - 1  # torch generators take seeds below 2**64
 
 
