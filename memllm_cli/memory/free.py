@@ -25,7 +25,7 @@ after the sink; a budget of 0 reads the whole pool, as MemoryLLM does.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -176,7 +176,7 @@ class FreeMemory(Memory):
         an evicted block's, recomputed (or read from where they were cached)."""
         library = self.library
         try:
-            return _decoded(library.read_block_checked(digest, codec.names(found)), found, library, digest)
+            return _decoded(lambda names: library.read_block_checked(digest, names), found, library, digest)
         except StoreError:
             if library.has_block(digest) or not library.is_evicted(digest):
                 raise  # damaged, or missing: not evicted (eviction writes what it keeps first)
@@ -220,7 +220,7 @@ class FreeMemory(Memory):
         found = codec.of(self.library.block_meta(digest))
         if found is None:
             return self.library.read_block_rows(digest, rows.tolist(), ("keys", "values"))
-        states = _decoded(self.library.read_block_rows(digest, None, codec.names(found)), found, self.library, digest)
+        states = _decoded(lambda names: self.library.read_block_rows(digest, None, names), found, self.library, digest)
         return {name: t[rows] for name, t in states.items()}
 
     def _trim_ram(self) -> None:
@@ -521,11 +521,12 @@ class FreeMemory(Memory):
         return frozenset({"pool", "prompt", "bm25", "closed-book"})
 
 
-def _decoded(tensors: dict[str, torch.Tensor], found: dict | None, library: BlockSource,
+def _decoded(read: Callable[[tuple[str, ...]], dict[str, torch.Tensor]], found: dict | None, library: BlockSource,
              digest: str) -> dict[str, torch.Tensor]:
-    """A block's keys and values from its stored tensors; a block that does not decode is damaged."""
+    """A block's keys and values from the tensors `read` returns of those its codec names; a
+    block that does not decode (or names a codec this version does not know) is damaged."""
     try:
-        return codec.decode(tensors, found)
+        return codec.decode(read(codec.names(found)), found)
     except codec.Undecodable as err:
         raise StoreError(f"memory {library.name!r} is damaged: block {digest[:12]} cannot be decoded: {err}",
                          hint="see memllm verify") from None
