@@ -13,11 +13,11 @@ class ServiceSubject:
     """A `protocols.Subject` over `service.Memllm`."""
 
     def __init__(self, service, *, max_new_tokens: int = 32, base_memory: str | None = None,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, keep_memory: bool = False) -> None:
         self.service = service
         self.budget = service.budget(budget)
         self.max_new_tokens = max_new_tokens
-        self.keep_memory = False  # bench scale --keep: leave the grown memory where it was made
+        self.keep_memory = keep_memory  # bench scale --keep: leave the grown memory where it was made
         self.base = service.stored_copy(base_memory) if base_memory else None
         probe = service.scratch_memory()
         self.pool_size = probe.pool_size

@@ -35,8 +35,8 @@ def _bench(ctx: typer.Context, name: str, run, *, data: Path | None, rows: str, 
     from .. import bench
 
     dataset = bench.load_data(data, bench.parse_rows(rows))
-    subject = bench.ServiceSubject(service(ctx, **settings), max_new_tokens=max_tokens, base_memory=base_memory)
-    subject.keep_memory = keep
+    subject = bench.ServiceSubject(service(ctx, **settings), max_new_tokens=max_tokens, base_memory=base_memory,
+                                   keep_memory=keep)
     progress = progress_for(False, False, "steps")
     result = run(bench, subject, dataset, progress)
     result["environment"] = bench.environment(subject)
