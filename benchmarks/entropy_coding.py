@@ -99,6 +99,5 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
-
 if __name__ == "__main__":
     main()

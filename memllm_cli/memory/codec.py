@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import zstandard
 
+from ..errors import StoreError
 from ..model.quant import dequantize, dequantize_rows, quantize
 
 # The formats a memory can choose (`block_format`); the groups are fixed when a block is
@@ -41,8 +42,9 @@ ZSTD = ".zstd"  # the suffix of an entropy-coded tensor's name
 ZSTD_LEVEL = 3  # level 9 gains under 0.2% at half the speed, 19 1.5% at 5 MB/s (design.md)
 
 
-class Undecodable(ValueError):
-    """A block's tensors do not decode (damaged entropy-coded codes, or shapes that disagree)."""
+class Undecodable(StoreError):
+    """A block's tensors do not decode (damaged entropy-coded codes, or shapes that disagree):
+    a StoreError, so every path that reads or evicts blocks treats it as damage."""
 
 
 def spec(name: str) -> dict | None:
