@@ -43,6 +43,7 @@ class Settings:
     pool_size: int | None = None  # for new memories; None: the model's default
     write_context: int | None = None  # for new memories; None: the default (docs/design.md)
     block_format: str | None = None  # how new blocks store keys and values (_CHOICES); None: the default
+    write_scope: str | None = None  # for new memories: what a chunk is written after (_CHOICES); None: "document"
     gc_keep_versions: int | None = None  # history gc keeps per ref; None: all of it
     read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
     gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
@@ -58,7 +59,8 @@ _POSITIVE = {"pool_size", "gc_keep_versions"}
 # CLI's server client too, before a name goes into a URL)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # memory/codec.py FORMATS (no torch here)
-_CHOICES = {"block_format": ("float16", "int8", "int4", "int4-s8", "int4-s8-zstd")}
+_CHOICES = {"block_format": ("float16", "int8", "int4", "int4-s8", "int4-s8-zstd"),
+            "write_scope": ("document", "pool")}  # memory/free.py WRITE_SCOPES
 _SIZES = {"max_disk"}  # bytes, or a string with a unit: "1GB", "500 MiB"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

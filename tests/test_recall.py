@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from memllm_cli.memory import recall
@@ -80,6 +81,40 @@ def test_reading_one_block_equals_the_prompt_with_its_text(tiny_dir):
     "".join(from_memory), "".join(from_prompt)
     assert from_memory.ids == from_prompt.ids
     assert from_memory.info["read_tokens"] == service.status()["tokens"]
+
+
+@pytest.mark.parametrize("scope", ["document", "pool"])
+def test_a_note_written_after_another_reads_as_the_prompt_with_its_text(tiny_dir, scope):
+    service = Memllm(model=str(tiny_dir), memory=f"scope-{scope}", write_scope=scope)
+    service.ingest_documents([doc("garden", TOPICS[1][1]), doc("shed", TOPICS[0][1])])
+    question = "What is the tool shed code?"
+    from_memory = service.ask(question, max_new_tokens=6, budget=1024)
+    from_prompt = service.ask_with_text(question, [TOPICS[0][1]], max_new_tokens=6)
+    "".join(from_memory), "".join(from_prompt)
+    assert [c["source"] for c in from_memory.info["sources"]] == ["shed"]
+    assert service.status()["write_scope"] == scope
+    # a document's first chunk is written after the sink alone, not after the note before it
+    assert (from_memory.ids == from_prompt.ids) == (scope == "document")
+
+
+def test_a_documents_later_chunks_are_written_after_its_own_earlier_ones(tiny_dir):
+    service = Memllm(model=str(tiny_dir), write_context=64)
+    memory = service.scratch_memory(pool_size=512, seed=1)
+    assert memory.write_scope == "document"
+    first = service.write_text(memory, TOPICS[0][1], "shed")
+    assert memory.context_for(0) == min(64, first) and memory.context_for(1) == 0
+    memory.write_scope = "pool"
+    assert memory.context_for(1) == 64
+
+
+def test_a_question_finds_a_note_by_other_forms_of_its_words(tiny_dir):
+    service = Memllm(model=str(tiny_dir), memory="stems")
+    service.ingest_documents([doc("history", "The orchestra was founded by violinists in 1898. " * 3),
+                              doc("dates", "Concert dates for the spring season are listed online. " * 3),
+                              doc("shed", TOPICS[0][1])])
+    answer = service.ask("Who founding orchestras?", max_new_tokens=1, budget=512)
+    "".join(answer)
+    assert [c["source"] for c in answer.info["sources"]] == ["history"]  # "founding orchestras": stems of its words
 
 
 def test_budget_zero_reads_the_whole_pool(tiny_dir):

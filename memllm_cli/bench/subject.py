@@ -40,7 +40,7 @@ class ServiceSubject:
         if "prompt" not in self._baselines:
             return None
         return self.service.scratch_memory(pool_size=self.window, write_context=self.window, dtype="float32",
-                                           block_format="float16")
+                                           block_format="float16", write_scope="pool")
 
     def room(self, memory) -> int:
         return memory.pool_size - len(memory)

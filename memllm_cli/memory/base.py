@@ -109,7 +109,8 @@ class Memory(ABC):
     @classmethod
     @abstractmethod
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
-               dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> Memory:
+               dtype: str | None = None, seed: int | None = None, block_format: str | None = None,
+               write_scope: str | None = None) -> Memory:
         """An empty memory for this model (settings the kind does not choose are ignored)."""
 
     @classmethod
@@ -147,7 +148,7 @@ class Memory(ABC):
     def create_for(cls, lm: LoadedModel, config) -> Memory:
         """An empty memory from the settings (`config.Settings`)."""
         return cls.create(lm, pool_size=config.pool_size, write_context=config.write_context,
-                          block_format=config.block_format)
+                          block_format=config.block_format, write_scope=config.write_scope)
 
     # -- writing -----------------------------------------------------------------------
 

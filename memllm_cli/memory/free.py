@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 TAGS = ("source", "chunk", "row", "block")
 DEFAULT_POOL_SIZE = 4096  # see docs/design.md, "Choosing N"
 DEFAULT_WRITE_CONTEXT = 256  # see docs/design.md, "Choosing N and the write context"
+# what a chunk is written after: "document", its own document's preceding tokens in the pool
+# (a document's first chunk: the sink alone); "pool", the pool's last tokens, whatever wrote
+# them (memories created before "document" existed). docs/design.md, "The write scope"
+WRITE_SCOPES = ("document", "pool")
+DEFAULT_WRITE_SCOPE = "document"
 ANSWER_RESERVE = 1024  # positions kept free after the pool for the question and the answer
 
 
@@ -71,7 +76,7 @@ class FreeMemory(Memory):
     recomputes: ClassVar[bool] = True  # an evicted block is written again from its ids when read (max_disk)
 
     pool_size: int  # N: tokens per layer at most
-    write_context: int  # pool tokens a chunk is written after
+    write_context: int  # pool tokens a chunk is written after, at most (see write_scope)
     dtype: str  # storage dtype of keys and values in RAM
     pool: Pool  # (L, Hkv, n, hd) with TAGS; keys empty when loaded as an index only
     sources: list[dict] = field(default_factory=list)  # id = index
@@ -87,6 +92,7 @@ class FreeMemory(Memory):
     carried: dict[str, list[int]] = field(default_factory=dict)  # block id -> [source, chunk] a later revision kept
     ram_blocks: dict[int, dict] = field(default_factory=dict, repr=False)  # tag -> keys, values (T, L, Hkv, hd)
     block_format: str = "float16"  # how new blocks store keys and values (codec.FORMATS)
+    write_scope: str = "pool"  # WRITE_SCOPES; "pool" for memories created before scopes were recorded
     scratch_tag: int = -(1 << 40)  # the next block tag of a memory that keeps no pending blocks
     max_disk: int | None = None  # bytes: evicted blocks' recomputed keys are cached only within it
     lm: LoadedModel | None = None
@@ -96,7 +102,8 @@ class FreeMemory(Memory):
 
     @classmethod
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
-               dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> FreeMemory:
+               dtype: str | None = None, seed: int | None = None, block_format: str | None = None,
+               write_scope: str | None = None) -> FreeMemory:
         engine = lm.engine
         window = engine.pool_window - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
         pool_size = pool_size if pool_size is not None else min(DEFAULT_POOL_SIZE, window)
@@ -110,10 +117,14 @@ class FreeMemory(Memory):
             write_context = min(DEFAULT_WRITE_CONTEXT, pool_size)
         if write_context < 0:
             raise ModelError(f"write_context must be >= 0, got {write_context}")
+        write_scope = write_scope or DEFAULT_WRITE_SCOPE
+        if write_scope not in WRITE_SCOPES:
+            raise ModelError(f"write_scope must be one of {', '.join(WRITE_SCOPES)}, got {write_scope!r}")
         dtype = dtype or ("float16" if engine.dtype == torch.float32 else str(engine.dtype).removeprefix("torch."))
         pool = Pool.empty(engine.layers, engine.kv_heads, engine.head_dim, DTYPES[dtype], TAGS)
         memory = cls(pool_size, write_context, dtype, pool, lm=lm)
         memory.block_format = block_format or codec.DEFAULT_FORMAT
+        memory.write_scope = write_scope
         codec.spec(memory.block_format)  # refuses an unknown format
         if seed is not None:
             memory.seed = seed
@@ -130,7 +141,7 @@ class FreeMemory(Memory):
                 meta["pool_size"], meta["write_context"], meta["dtype"], index_pool(tags), meta["sources"],
                 meta["blocks"], meta["seed"], meta["update_count"], version, has_states=False, lm=lm, library=library,
                 carried={k: list(v) for k, v in meta.get("carried", {}).items()},
-                block_format=meta.get("block_format", "float16"),
+                block_format=meta.get("block_format", "float16"), write_scope=meta.get("write_scope", "pool"),
             )
             codec.spec(memory.block_format)
         except (KeyError, ValueError, TypeError) as err:
@@ -246,6 +257,18 @@ class FreeMemory(Memory):
         keys, values = self._gather(positions)
         return Pool(keys, values)
 
+    def context_for(self, source: int) -> int:
+        """The pool tokens the next chunk of `source` is written after: the last write_context
+        of the pool, or with write_scope "document" of the pool's trailing run of that
+        document's own tokens (none for its first chunk: it is written after the sink alone, so
+        that read alone it is exactly the prompt with its text)."""
+        if self.write_scope == "pool":
+            return self.write_context
+        tags = self.pool.tags["source"]
+        other = torch.nonzero(tags != source).flatten()
+        run = len(tags) - (int(other[-1]) + 1 if len(other) else 0)
+        return min(self.write_context, run)
+
     def __len__(self) -> int:
         return len(self.pool)
 
@@ -254,7 +277,7 @@ class FreeMemory(Memory):
     def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update: encode the chunk after sink + recent memory, drop overflow, append."""
         engine = self.lm.engine
-        context = sink(self.lm) + self.recent(self.write_context)  # (L, Hkv, s + w, hd)
+        context = sink(self.lm) + self.recent(self.context_for(source))  # (L, Hkv, s + w, hd)
         new = engine.encode(torch.tensor(ids, dtype=torch.int64), context).to(DTYPES[self.dtype])  # (L, Hkv, T, hd)
         count = len(ids)
         if self.keep_blocks:
@@ -287,7 +310,7 @@ class FreeMemory(Memory):
         return self.log_update(source, chunk, count, overflow, seed)
 
     def settings(self) -> dict:
-        return {**super().settings(), "block_format": self.block_format}
+        return {**super().settings(), "block_format": self.block_format, "write_scope": self.write_scope}
 
     def use_block_format(self, name: str) -> None:
         codec.spec(name)
@@ -364,8 +387,8 @@ class FreeMemory(Memory):
         tags = self.pool.tags
         tensors = {name: tags[name].to(torch.int32) for name in ("block", "row", "source", "chunk")}
         carried = {"carried": self.carried} if self.carried else {}
-        return tensors, {**self.ledger_meta(op, message, len(self)), "block_format": self.block_format, **carried,
-                         **extra}
+        return tensors, {**self.ledger_meta(op, message, len(self)), "block_format": self.block_format,
+                         "write_scope": self.write_scope, **carried, **extra}
 
     def prepare_reads(self) -> None:
         """Build the recall index now, so the next ask finds it ready."""

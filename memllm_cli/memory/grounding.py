@@ -4,8 +4,8 @@ A small model answers every question, whether or not memory holds the answer ("W
 the guest Wi-Fi password?" -> "123456"). Two checks tell the user when it does not:
 
 - relevance: the share of the question's content words (BM25's terms: lower case, English
-  stop words removed) that occur in the text read, weighted by how rare each word is among
-  the memory's blocks (a rare word such as a name counts for more than "year");
+  stop words removed, stemmed) that occur in the text read, weighted by how rare each word
+  is among the memory's blocks (a rare word such as a name counts for more than "year");
 - support: the share of the answer's content words, other than the question's own, that
   occur in the text read (an answer built of words memory never held came from the model
   alone; repeating the question proves nothing).
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..text.bm25 import tokenize
+
 MIN_RELEVANCE = 0.25  # measured: docs/benchmarks.md, "Grounded answers"
 MIN_SUPPORT = 0.1
 
 
 def terms(text: str) -> list[str]:
-    """The content words of a text, as the retriever sees them."""
-    import bm25s
-
-    found = bm25s.tokenize([text], stopwords="en", show_progress=False, return_ids=False)
+    """The content words of a text, as the retriever sees them (stems)."""
+    found = tokenize([text], ids=False)
     return list(dict.fromkeys(found[0])) if found else []
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import StoreError
 from ..model.pool import Pool
-from ..text.bm25 import bm25_index, bm25_scores
+from ..text.bm25 import TERMS, bm25_index, bm25_scores
 from . import codec
 from .base import BlockSource
 
@@ -114,7 +114,7 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     blocks on disk, and each ask after the first loads it (memory-mapped) instead."""
     import bm25s
 
-    key = f"recall-{memory.head}-{library.block_count()}"
+    key = f"recall-{TERMS}-{memory.head}-{library.block_count()}"
 
     def make(columns: dict[str, list], codecs: list[dict | None]) -> Callable[[int], Candidate]:
         def build(k: int) -> Candidate:
@@ -169,14 +169,18 @@ def _ids(library: BlockSource, block: str) -> list[int]:
     return library.read_block_ids(block) or []
 
 
-MIN_RELATIVE_SCORE = 0.7  # blocks scoring below this share of the best score are not read (measured)
+# blocks scoring below this share of the best score are not read: 1.0 reads the best block alone
+# (and any that ties it); a 135M model answers from one note about as well as from its prompt,
+# and from a note among others far worse (docs/design.md, "Reading within a budget")
+MIN_RELATIVE_SCORE = 1.0
 
 
 def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     """The blocks BM25 ranks highest for the question, up to `budget` tokens, in the order
     they were written. A block larger than what is left of the budget is skipped, not cut;
-    blocks scoring under MIN_RELATIVE_SCORE of the best are not read; if no block shares a
-    term with the question, the most recent blocks are (the pool's own bias)."""
+    blocks scoring under MIN_RELATIVE_SCORE of the best are not read (by default: all but the
+    best and its ties); if no block shares a term with the question, the most recent blocks
+    are (the pool's own bias)."""
     count = len(idx)
     if not count:
         return []

@@ -71,7 +71,8 @@ class TrainedMemory(Memory):
 
     @classmethod
     def create(cls, lm: LoadedModel, *, pool_size: int | None = None, write_context: int | None = None,
-               dtype: str | None = None, seed: int | None = None, block_format: str | None = None) -> TrainedMemory:
+               dtype: str | None = None, seed: int | None = None, block_format: str | None = None,
+               write_scope: str | None = None) -> TrainedMemory:
         """The checkpoint's own memory; the checkpoint fixes N and K (settings are ignored)."""
         engine = lm.engine
         state = engine.initial_state()

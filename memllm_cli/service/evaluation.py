@@ -22,14 +22,15 @@ from .session import Answer, Session, sampling
 class Evaluation(Session):
     def scratch_memory(self, *, pool_size: int | None = None, write_context: int | None = None,
                        seed: int | None = None, dtype: str | None = None, keep_blocks: bool = False,
-                       block_format: str | None = None) -> Memory:
+                       block_format: str | None = None, write_scope: str | None = None) -> Memory:
         """An empty memory that lives in RAM only, for the current model. With `keep_blocks`,
         it keeps every update's tokens (its long-term tier, in RAM) for reading within a budget."""
         kind = self.kind()
         pool_size = pool_size if pool_size is not None else self.settings.pool_size
         write_context = write_context if write_context is not None else self.settings.write_context
         mem = kind.create(self.model(), pool_size=pool_size, write_context=write_context, dtype=dtype, seed=seed,
-                          block_format=block_format or self.settings.block_format)
+                          block_format=block_format or self.settings.block_format,
+                          write_scope=write_scope or self.settings.write_scope)
         mem.archive_in_ram(keep_blocks)
         return mem
 
