@@ -32,7 +32,8 @@ def test_ingest_then_ask_and_status(tmp_path, tiny_dir):
 
 
 def test_memory_answers_equal_prompt_answers_when_nothing_is_dropped(tiny_dir):
-    service = Memllm(model=str(tiny_dir), pool_size=2048)
+    # each chunk written after the pool (the scope for memories read whole), not its document alone
+    service = Memllm(model=str(tiny_dir), pool_size=2048, write_scope="pool")
     texts = [PARAGRAPH, "The tool shed code is 4172. " * 5, "Paris is the capital of France. " * 4]
     service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(texts)])
     from_memory = service.ask("What is the code?", max_new_tokens=8, budget=0)  # the whole pool
