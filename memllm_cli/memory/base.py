@@ -86,6 +86,7 @@ class Memory(ABC):
     # reading the whole pool) the service checks every block the version holds first
     checks_reads: ClassVar[bool] = False
     block_format: ClassVar[str | None] = None  # how blocks store keys and values, where the kind chooses
+    write_scope: ClassVar[str | None] = None  # what a chunk is written after, where the kind chooses
     recomputes: ClassVar[bool] = False  # whether a block's keys and values can be recomputed from its ids (max_disk)
 
     # Ledger fields, declared by each dataclass subclass:

@@ -494,7 +494,7 @@ class Session:
             "dtype": info.get("dtype"),
             "write_context": mem.write_context if mem else info.get("write_context"),
             "block_format": mem.block_format if mem else info.get("block_format"),
-            "write_scope": getattr(mem, "write_scope", None) if mem else info.get("write_scope"),
+            "write_scope": mem.write_scope if mem else info.get("write_scope"),
             "disk_bytes": self.repo.disk_bytes(),
             "max_disk": self.settings.max_disk,
             "evicted_blocks": len(self.repo.evicted()),
