@@ -52,6 +52,34 @@ def test_chunks_written_after_the_pool_equal_one_long_prompt(kind):
     torch.testing.assert_close(engine.forward(q, sink_pool + pool), reference, atol=1e-4, rtol=1e-4)
 
 
+def test_loglik_is_the_prompts_log_probability_of_the_span():
+    model = tiny_model("llama")
+    engine = MemoryModel(model)
+    chunk, q = ids(30, 8), ids(12, 9)
+    full = torch.cat([chunk, q])
+    with torch.no_grad():
+        logp = model(full[None]).logits[0].float().log_softmax(-1)  # row i predicts token i + 1
+    start, end = 3, 10  # of q
+    expected = sum(float(logp[30 + i - 1, full[30 + i]]) for i in range(start, end))
+    assert engine.loglik(q, engine.encode(chunk), start, end) == pytest.approx(expected, abs=1e-3)
+    # the context is read: without it the span's likelihood is another number
+    assert engine.loglik(q, None, start, end) != pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_judging_contexts_in_one_batch_equals_each_alone_and_generation_resumes(kind):
+    engine = MemoryModel(tiny_model(kind))
+    sink = engine.encode(ids(4, 10))
+    contexts = [sink + engine.encode(ids(n, 11 + n), sink) for n in (25, 9, 40)]  # of different lengths
+    q = ids(10, 12)
+    fits, resume = engine.judge(q, contexts, 2, 8)
+    alone = [engine.loglik(q, c, 2, 8) for c in contexts]
+    assert fits == pytest.approx(alone, abs=1e-3)
+    for r, context in enumerate(contexts):
+        plain = list(engine.generate(q, context, max_new_tokens=6))
+        assert list(engine.generate(q, context, max_new_tokens=6, prefilled=resume(r, 6))) == plain
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generation_matches_hugging_face_generate(kind):
     model = tiny_model(kind)

@@ -68,7 +68,9 @@ def test_a_budget_reads_only_the_selected_blocks(tiny_dir, monkeypatch):
     monkeypatch.setattr(service.repo, "read_block_checked", counting_whole)
     answer = service.ask("Who is the garden coordinator?", max_new_tokens=2, budget=600)
     "".join(answer)
-    assert len(reads) == len(answer.info["sources"]) >= 1 and all(rows is None for _, rows in reads)  # no pool load
+    # the blocks judged (each read once), none of the pool's rows
+    assert len(reads) == answer.info["judged"] == 3 and all(rows is None for _, rows in reads)
+    assert len(answer.info["sources"]) == 1
     assert len(reads) < len(service.store.open("lt").blocks()) == 12
     assert {c["source"].split("-")[0] for c in answer.info["sources"]} == {"garden"}
 
@@ -115,6 +117,75 @@ def test_a_question_finds_a_note_by_other_forms_of_its_words(tiny_dir):
     answer = service.ask("Who founding orchestras?", max_new_tokens=1, budget=512)
     "".join(answer)
     assert [c["source"] for c in answer.info["sources"]] == ["history"]  # "founding orchestras": stems of its words
+
+
+SHEDS = [("shed-code", "The shed code is 4172. The key hangs by the door. " * 3),
+         ("shed-roof", "The shed roof leaks when it rains. Fix it in May. " * 3),
+         ("shed-tools", "A shed of tools: saws, a drill and code books. " * 3)]
+
+
+def fits(service, question, budget=1024):
+    """The model's log-likelihood of the question after each shortlisted block alone, plus
+    SCORE_WEIGHT times its BM25 score, by name."""
+    from memllm_cli.memory.free import sink
+
+    memory, lm = service.load(), service.model()
+    engine = lm.engine
+    ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
+    start, end = lm.prompt.question_span(lm.tokenizer, question)
+    out = {}
+    for c in recall.shortlist(recall.index(memory, lm.tokenizer), question, budget):
+        pool, damaged = recall.read([c], torch.float32, (engine.layers, engine.kv_heads, engine.head_dim))
+        assert not damaged
+        fit = engine.loglik(ids, sink(lm) + pool, start, end)
+        out[memory.sources[c.source]["name"]] = fit + recall.SCORE_WEIGHT * c.score
+    return out
+
+
+def test_the_question_span_is_the_questions_own_tokens(tiny_dir, tiny_qwen_dir):
+    for path in (tiny_dir, tiny_qwen_dir):  # a chat template, and none
+        lm = Memllm(model=str(path)).model()
+        question = "  Who keeps the shed key?  "
+        ids = lm.prompt.question_ids(lm.tokenizer, question)
+        start, end = lm.prompt.question_span(lm.tokenizer, question)
+        assert 1 <= start < end < len(ids)
+        assert lm.tokenizer.decode(ids[start:end]).strip() == question.strip()
+
+
+def test_the_model_reads_the_shortlisted_block_that_best_predicts_the_question(tiny_dir):
+    service = Memllm(model=str(tiny_dir), memory="judged")
+    service.ingest_documents([doc(name, text) for name, text in SHEDS])
+    question = "What is in the shed?"  # "shed" is every note's: BM25 alone cannot choose
+    answer = service.ask(question, max_new_tokens=6, budget=1024)
+    "".join(answer)
+    expected = fits(service, question)
+    assert len(expected) == answer.info["judged"] == 3
+    (read,) = answer.info["sources"]
+    assert read["source"] == max(expected, key=expected.get)
+    assert read["fit"] + recall.SCORE_WEIGHT * read["score"] == pytest.approx(expected[read["source"]], abs=1e-2)
+    # read alone after the sink, as the prompt holding that note's text alone
+    from_prompt = service.ask_with_text(question, [dict(SHEDS)[read["source"]]], max_new_tokens=6)
+    "".join(from_prompt)
+    assert answer.ids == from_prompt.ids
+
+
+def test_a_shortlisted_block_that_is_damaged_is_not_chosen(tiny_dir):
+    service = Memllm(model=str(tiny_dir), memory="judged-damaged")
+    service.ingest_documents([doc(name, text) for name, text in SHEDS])
+    question = "What is in the shed?"
+    expected = fits(service, question)
+    best = max(expected, key=expected.get)
+    blocks = service.settings.home / "memories" / "judged-damaged" / "blocks"
+    (path,) = [p for p in blocks.iterdir() if best.encode() in p.read_bytes()[:4096]]
+    data = bytearray(path.read_bytes())
+    data[-64:] = b"\x7f" * 64  # garbage in its keys and values
+    path.write_bytes(bytes(data))
+    answer = service.ask(question, max_new_tokens=2, budget=1024)
+    "".join(answer)
+    assert [d["source"] for d in answer.info["damaged"]] == [best]
+    (read,) = answer.info["sources"]
+    rest = {name: fit for name, fit in expected.items() if name != best}
+    assert read["source"] == max(rest, key=rest.get)
 
 
 def test_budget_zero_reads_the_whole_pool(tiny_dir):

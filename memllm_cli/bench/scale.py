@@ -65,7 +65,7 @@ def filler_notes(root: Path | None = None) -> Iterator[tuple[str, str]]:
             yield f"{path.relative_to(root)}#{part}", piece
 
 
-def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_SIZES, questions: int = 40,
+def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_SIZES, questions: int = 200,
           seed: int = 0, gold_share: float = 0.25, progress: Progress | None = None,
           filler: Iterator[tuple[str, str]] | None = None) -> dict:
     """Grow one stored memory to each of `sizes` tokens and measure it there."""

@@ -147,7 +147,8 @@ def bench_scale(
     rows: RowsOption = "0-1999",
     sizes: Annotated[list[int] | None, typer.Option("--size", min=1, help="Tokens to grow the memory to and measure "
                                                     "at; repeat (default 10000 100000 1000000).")] = None,
-    questions: Annotated[int, typer.Option("--questions", min=1, help="Gold questions asked at each size.")] = 40,
+    questions: Annotated[int, typer.Option("--questions", min=1, help="Gold questions asked at each size (all "
+                                           "there are, where fewer).")] = 200,
     seed: SeedOption = 0,
     max_tokens: TokensOption = 32,
     max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="The memory's disk budget "

@@ -403,7 +403,7 @@ class FreeMemory(Memory):
         lm = self.lm
         ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
         info: dict = {}
-        context = None
+        context, prefilled = None, None
         idx = recall.index(self, lm.tokenizer)
         read: list[recall.Candidate] = []
         if budget and (window := lm.engine.sliding_window):
@@ -414,9 +414,24 @@ class FreeMemory(Memory):
                 info["read_cap"] = {"tokens": cap, "why": f"the model's sliding window of {window} tokens"}
                 budget = cap
         if budget and len(idx):
-            read = recall.select(idx, question, budget)
             engine = lm.engine
-            pool, damaged = recall.read(read, DTYPES[self.dtype], (engine.layers, engine.kv_heads, engine.head_dim))
+            dtype, shape = DTYPES[self.dtype], (engine.layers, engine.kv_heads, engine.head_dim)
+            shortlisted = recall.shortlist(idx, question, budget)
+            if len(shortlisted) > 1:  # the model chooses the block that best predicts the question
+                loaded, damaged = recall.load_each(shortlisted, dtype, shape)
+                read, pool = [], Pool.empty(*shape, dtype)
+                if loaded:
+                    start, end = lm.prompt.question_span(lm.tokenizer, question)
+                    fits, resume = engine.judge(ids, [sink(lm) + p for _, p in loaded], start, end)
+                    for (candidate, _), fit in zip(loaded, fits, strict=True):
+                        candidate.fit = fit
+                    best = recall.choose([c for c, _ in loaded])
+                    read, pool = [loaded[best][0]], loaded[best][1]
+                    prefilled = resume(best, sampling.max_new_tokens)
+                info["judged"] = len(shortlisted)
+            else:
+                read = recall.select(idx, question, budget)
+                pool, damaged = recall.read(read, dtype, shape)
             context = sink(lm) + pool
             if damaged:
                 read = [c for c in read if c not in damaged]
@@ -437,7 +452,7 @@ class FreeMemory(Memory):
         judged = bool(read) or "sources" in info
         verdict = grounding.judge(question, texts, rarity(idx.retriever)) if judged else None
         tokens = lm.engine.generate(ids, context, stop_ids=lm.stop_ids(), draft_from=[c.ids for c in read],
-                                    **vars(sampling))
+                                    prefilled=prefilled, **vars(sampling))
         return Reading(tokens, info, verdict)
 
     def context(self) -> Pool:

@@ -4,10 +4,11 @@ The pool holds the N most recent-ish tokens (MemoryLLM's random drops), but no t
 lost when the pool drops it: every update's tokens stay in their block in the store (the
 *long-term tier*) until `forget` or `gc`. Reading the whole pool for every question drowns
 a small model (one NQ passage in the prompt: 13 of 16 right; all 16: 3 of 16) and costs
-time linear in N; so `ask` reads at most `read_budget` tokens: the blocks, from the pool
-and the long-term tier alike, that BM25 ranks highest for the question over the text that
-wrote them (each block keeps its token ids), placed after the sink in the order they were
-written, at fresh positions (keys are stored before rotary, see engine.py).
+time linear in N; so `ask` reads at most `read_budget` tokens: one block, from the pool or
+the long-term tier alike, chosen among those BM25 ranks highest for the question over the text
+that wrote them (each block keeps its token ids) by the model itself, as the block after which
+the question is most likely (`shortlist`, `choose`); placed after the sink at fresh positions
+(keys are stored before rotary, see engine.py).
 
 The blocks are read one at a time, so RAM at ask time depends on the budget, not on how
 much was ingested. A block the disk budget evicted (`max_disk`) kept its token ids: its keys
@@ -42,7 +43,8 @@ class Candidate:
     tokens: int
     load: Callable[[], dict]  # -> {"keys", "values"}: (T, L, Hkv, hd) token-major, decoded
     read_ids: Callable[[], list[int]]
-    score: float = 0.0
+    score: float = 0.0  # BM25's, for the question
+    fit: float | None = None  # the model's log-likelihood of the question read after this block alone
     codec: dict | None = None  # how the block stores its keys and values (codec.py); None: float16
     _ids: list[int] | None = field(default=None, repr=False)
 
@@ -205,6 +207,55 @@ def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     return sorted(out, key=lambda c: c.update)
 
 
+# the model judges up to SHORTLIST of the blocks BM25 ranks highest, those scoring at least
+# SHORTLIST_SHARE of the best, each read alone, by how well it predicts the question; the best
+# is read (docs/design.md, "Reading within a budget")
+SHORTLIST = 4
+SHORTLIST_SHARE = 0.5
+
+
+def shortlist(idx: Index, question: str, budget: int, count: int = SHORTLIST) -> list[Candidate]:
+    """Up to `count` blocks that share a term with the question and score at least
+    SHORTLIST_SHARE of the best, BM25's best first, each no larger than the budget: the
+    candidates the model chooses one from (`choose`)."""
+    if not len(idx):
+        return []
+    scores = bm25_scores(idx.retriever, question, len(idx))
+    tokens = idx.columns["tokens"]
+    fitting = [k for k in range(len(idx)) if scores[k] > 0 and tokens[k] <= budget]
+    best = max((scores[k] for k in fitting), default=0.0)
+    ranked = sorted((k for k in fitting if scores[k] >= SHORTLIST_SHARE * best), key=lambda k: -scores[k])
+    out = []
+    for k in ranked[:count]:
+        candidate = idx.candidate(k)
+        candidate.score = float(scores[k])
+        out.append(candidate)
+    return out
+
+
+def load_each(shortlisted: list[Candidate], dtype: torch.dtype, shape: tuple[int, int, int]
+              ) -> tuple[list[tuple[Candidate, Pool]], list[Candidate]]:
+    """Each shortlisted block's tokens as a pool of its own, and the damaged blocks (`read`)."""
+    loaded, damaged = [], []
+    for candidate in shortlisted:
+        pool, bad = read([candidate], dtype, shape)
+        if bad:
+            damaged += bad
+        else:
+            loaded.append((candidate, pool))
+    return loaded, damaged
+
+
+# the model's log-likelihood of the question (nats) plus this many times BM25's score: the
+# shortlisted block read is the one with the highest sum (docs/design.md, "Reading within a budget")
+SCORE_WEIGHT = 1.0
+
+
+def choose(judged: list[Candidate]) -> int:
+    """Which of the judged blocks (each with its `fit`) to read: the index of the best."""
+    return max(range(len(judged)), key=lambda i: judged[i].fit + SCORE_WEIGHT * judged[i].score)
+
+
 def read(selected: list[Candidate], dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[Pool, list[Candidate]]:
     """The selected blocks' tokens as one pool (L, Hkv, n, hd), in the given order, and the
     blocks left out because they are damaged (their bytes no longer match their id, NaNs,
@@ -234,6 +285,7 @@ def cited(memory, selected: list[Candidate], tokenizer) -> list[dict]:
     out = []
     for c in sorted(selected, key=lambda c: -c.score):
         out.append({"source": memory.sources[c.source]["name"], "chunk": c.chunk, "score": round(c.score, 3),
+                    **({} if c.fit is None else {"fit": round(c.fit, 3)}),
                     "tokens": c.tokens, "excerpt": excerpt(tokenizer, c.ids)})
     return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,15 @@ ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention"})
 PROBE_TOKENS = 12  # tokens of the load-time check (see `check`)
 PROBE_SHIFT = 37  # positions the check moves them by
 DRAFT_TOKENS = 5  # most tokens a looked-up draft proposes at once (lookup.py)
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """A cache holding a context and a prompt after it, and the logits that follow: where
+    generation continues (MemoryModel.judge)."""
+
+    cache: DynamicCache
+    logits: torch.Tensor  # (V,)
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,58 @@ class MemoryModel:
         self._check_length(context, len(ids))
         return self._run(ids, self._cache(context)).float()
 
+    @torch.inference_mode()
+    def loglik(self, ids: torch.Tensor, context: Pool | None, start: int, end: int) -> float:
+        """The log-likelihood of ids[start:end] (1 <= start < end <= T) read after `context`
+        and ids[:start]: how well a context predicts a text."""
+        self._check_length(context, len(ids))
+        rows = self._run(ids, self._cache(context), logits_to_keep=len(ids) - start + 1)  # predict ids[start:]
+        logp = rows[: end - start].float().log_softmax(-1)
+        return float(logp.gather(1, ids[start:end, None].to(logp.device)).sum())
+
+    @torch.inference_mode()
+    def judge(self, ids: torch.Tensor, contexts: Sequence[Pool], start: int, end: int
+              ) -> tuple[list[float], Callable[[int, int], Prefilled]]:
+        """Read ids (T,) after each of `contexts` in one batched forward pass: the
+        log-likelihood of ids[start:end] after each (as `loglik`), and a function that gives,
+        for the context chosen, the cache and logits to generate from (`generate(prefilled=)`),
+        so the chosen context's prompt is not run twice.
+
+        Contexts of different lengths are left-padded with masked slots; each context's
+        tokens sit at positions 0..m_i-1 and ids right after them, so every row computes
+        what `loglik` computes alone."""
+        lengths = [len(c) for c in contexts]
+        m, T, K = max(lengths), len(ids), len(contexts)
+        self._check_length(None, m + T)
+        keys = torch.zeros(self.layers, K, self.kv_heads, m, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        mask = torch.ones(K, m + T, dtype=torch.long, device=self.device)
+        for r, context in enumerate(contexts):
+            pad = m - lengths[r]
+            keys[:, r, :, pad:] = self.rotate(context.keys.to(self.device, torch.float32), 0).to(self.dtype)
+            values[:, r, :, pad:] = context.values.to(self.device, self.dtype)
+            mask[r, :pad] = 0
+        cache = self._cache(None, room=T)
+        for i, layer in enumerate(cache.layers):
+            layer.update(keys[i], values[i])
+        positions = torch.stack([torch.arange(n, n + T) for n in lengths]).to(self.device)  # (K, T)
+        out = self.model(input_ids=ids.to(self.device)[None].expand(K, T), attention_mask=mask,
+                         position_ids=positions, use_cache=True, logits_to_keep=T - start + 1,
+                         **{self._cache_kw: cache})
+        logp = out.logits[:, : end - start].float().log_softmax(-1)  # (K, end - start, V)
+        target = ids[start:end].to(self.device)[None, :, None].expand(K, -1, 1)
+        fits = logp.gather(2, target).sum((1, 2)).tolist()
+        last = out.logits[:, -1]  # (K, V): the next token's logits after ids, per context
+
+        def resume(r: int, max_new_tokens: int) -> Prefilled:
+            chosen = self._cache(None, room=max_new_tokens + DRAFT_TOKENS)
+            pad = m - lengths[r]
+            for mine, batched in zip(chosen.layers, cache.layers, strict=True):
+                mine.update(batched.keys[r : r + 1, :, pad:], batched.values[r : r + 1, :, pad:])
+            return Prefilled(chosen, last[r])
+
+        return fits, resume
+
     def _write(self, ids: torch.Tensor, context: Pool | None, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over ids (T,) after `context`: the chunk's keys (as the cache holds them)
         and values in every layer, (L, Hkv, T, hd) each."""
@@ -363,16 +424,21 @@ class MemoryModel:
         seed: int | None = None,
         draft_from: Sequence[list[int]] = (),
         lookup: bool = True,
+        prefilled: Prefilled | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids one at a time: greedy when temperature is 0.
 
         Greedy decoding checks tokens looked up in the input, the answer so far and
         `draft_from` (token ids of the notes the answer reads) several at a time
         (lookup.py): the tokens are the ones plain greedy decoding picks, in fewer forward
-        passes. `lookup=False` decodes one token a forward pass."""
+        passes. `lookup=False` decodes one token a forward pass. `prefilled`: the cache
+        already holds `context` and `ids` (`judge`), and generation starts from its logits."""
         self._check_length(context, len(ids) + max_new_tokens)
-        cache = self._cache(context, room=len(ids) + max_new_tokens + DRAFT_TOKENS)
-        logits = self._run(ids, cache, logits_to_keep=1)[-1]  # (V,)
+        if prefilled is not None:
+            cache, logits = prefilled.cache, prefilled.logits
+        else:
+            cache = self._cache(context, room=len(ids) + max_new_tokens + DRAFT_TOKENS)
+            logits = self._run(ids, cache, logits_to_keep=1)[-1]  # (V,)
         if temperature <= 0 and lookup:
             yield from self._lookup_greedy(logits, cache, ids, max_new_tokens, stop_ids, draft_from)
             return

@@ -45,6 +45,19 @@ class PromptFormat:
         text = self.question_template.replace("{question}", question.strip())
         return tokenizer(text, add_special_tokens=False).input_ids
 
+    def question_span(self, tokenizer, question: str) -> tuple[int, int]:
+        """Where the question's own words lie in `question_ids`: [start, end). Where the
+        template's tokens do not split cleanly at the question, the whole prompt but its
+        first token."""
+        ids = self.question_ids(tokenizer, question)
+        head = self.question_template.split("{question}")[0]
+        before = tokenizer(head.rstrip(), add_special_tokens=False).input_ids
+        through = tokenizer(head + question.strip(), add_special_tokens=False).input_ids
+        if 0 < len(before) < len(through) <= len(ids) and ids[:len(through)] == through \
+                and through[:len(before)] == before:
+            return len(before), len(through)
+        return 1, len(ids)
+
 
 @dataclass(frozen=True)
 class TrainedPrompt:
