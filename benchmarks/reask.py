@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 from memllm_cli.bench.qa import is_correct, load_items
+from memllm_cli.bench.scale import quantiles
 from memllm_cli.cli.render import disk_size
 from memllm_cli.service import Memllm
 
@@ -51,15 +51,12 @@ def main() -> None:
         rows.append({"row": item.row, "memory": is_correct(text, item.answers), "run_memory": asked["memory"],
                      "prompt": asked["prompt"], "read_gold": f"nq/{item.row}.txt" in read,
                      "judged": answer.info.get("judged"), "first_token_s": round(firsts[-1], 4)})
-    ordered = sorted(firsts)
     result = {
         "home": str(args.home), "max_disk": budget, "fit": fitted, "disk_bytes": service.repo.disk_bytes(),
         "tokens": run["tokens"], "questions": len(rows),
         "memory_correct": sum(r["memory"] for r in rows), "run_memory_correct": sum(r["run_memory"] for r in rows),
         "prompt_correct": sum(r["prompt"] for r in rows), "read_gold": sum(r["read_gold"] for r in rows),
-        "first_token_s": {"median": round(statistics.median(ordered), 4),
-                          "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 4),
-                          "max": round(ordered[-1], 4)},
+        "first_token_s": quantiles(firsts),  # as bench scale reports them
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "asked": rows,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "asked"}, indent=1))

@@ -119,7 +119,7 @@ def scale(subject: ScaleSubject, data: Data, *, sizes: Sequence[int] = DEFAULT_S
                 "disk_bytes": subject.disk_bytes(stored),
                 "disk_bytes_per_token": round(subject.disk_bytes(stored) / ingested, 1),
                 "rss_bytes": resident_bytes(),
-                "first_token_s": _quantiles(first),
+                "first_token_s": quantiles(first),
                 "questions": len(chosen), "memory_correct": memory_right, "prompt_correct": prompt_right,
                 "memory_over_prompt": round(memory_right / prompt_right, 3) if prompt_right else None,
                 "read_gold": sum(told) if told else None,  # answers that read the question's own note
@@ -183,7 +183,8 @@ def _plain_rate(subject: ScaleSubject, texts: list[str]) -> float:
     return tokens / seconds
 
 
-def _quantiles(values: list[float]) -> dict | None:
+def quantiles(values: list[float]) -> dict | None:
+    """Median, p95 and max of timings (rounded to 0.1 ms); None for none."""
     if not values:
         return None
     ordered = sorted(values)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError, StoreError
 from ..model.pool import Pool, drop_uniform
-from ..text.bm25 import rarity
+from ..text.bm25 import bm25_scores, rarity
 from ..text.chunking import chunk_document
 from . import codec, grounding, recall
 from .base import CHUNK_TOKENS, DTYPES, BlockSource, Memory, Reading, Sampling
@@ -416,7 +416,8 @@ class FreeMemory(Memory):
         if budget and len(idx):
             engine = lm.engine
             dtype, shape = DTYPES[self.dtype], (engine.layers, engine.kv_heads, engine.head_dim)
-            shortlisted = recall.shortlist(idx, question, budget)
+            scores = bm25_scores(idx.retriever, question, len(idx))  # once, for the shortlist or the plain read
+            shortlisted = recall.shortlist(idx, question, budget, scores=scores)
             if len(shortlisted) > 1:  # the model chooses the block that best predicts the question
                 loaded, damaged = recall.load_each(shortlisted, dtype, shape)
                 read, pool = [], Pool.empty(*shape, dtype)
@@ -430,7 +431,7 @@ class FreeMemory(Memory):
                     prefilled = resume(best, sampling.max_new_tokens)
                 info["judged"] = len(shortlisted)
             else:
-                read = recall.select(idx, question, budget)
+                read = recall.select(idx, question, budget, scores=scores)
                 pool, damaged = recall.read(read, dtype, shape)
             context = sink(lm) + pool
             if damaged:

@@ -177,7 +177,7 @@ def _ids(library: BlockSource, block: str) -> list[int]:
 MIN_RELATIVE_SCORE = 1.0
 
 
-def select(idx: Index, question: str, budget: int) -> list[Candidate]:
+def select(idx: Index, question: str, budget: int, *, scores: list[float] | None = None) -> list[Candidate]:
     """The blocks BM25 ranks highest for the question, up to `budget` tokens, in the order
     they were written. A block larger than what is left of the budget is skipped, not cut;
     blocks scoring under MIN_RELATIVE_SCORE of the best are not read (by default: all but the
@@ -186,7 +186,7 @@ def select(idx: Index, question: str, budget: int) -> list[Candidate]:
     count = len(idx)
     if not count:
         return []
-    scores = bm25_scores(idx.retriever, question, count)
+    scores = scores if scores is not None else bm25_scores(idx.retriever, question, count)
     best = max(scores)
     ranked = sorted((k for k in range(count) if scores[k] > 0 and scores[k] >= MIN_RELATIVE_SCORE * best),
                     key=lambda k: -scores[k])
@@ -214,13 +214,15 @@ SHORTLIST = 4
 SHORTLIST_SHARE = 0.5
 
 
-def shortlist(idx: Index, question: str, budget: int, count: int = SHORTLIST) -> list[Candidate]:
+def shortlist(idx: Index, question: str, budget: int, count: int = SHORTLIST, *,
+              scores: list[float] | None = None) -> list[Candidate]:
     """Up to `count` blocks that share a term with the question and score at least
     SHORTLIST_SHARE of the best, BM25's best first, each no larger than the budget: the
-    candidates the model chooses one from (`choose`)."""
+    candidates the model chooses one from (`choose`). `scores`: BM25's for the question,
+    where the caller has them already."""
     if not len(idx):
         return []
-    scores = bm25_scores(idx.retriever, question, len(idx))
+    scores = scores if scores is not None else bm25_scores(idx.retriever, question, len(idx))
     tokens = idx.columns["tokens"]
     fitting = [k for k in range(len(idx)) if scores[k] > 0 and tokens[k] <= budget]
     best = max((scores[k] for k in fitting), default=0.0)
