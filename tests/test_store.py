@@ -103,7 +103,7 @@ def test_lock_times_out_with_a_clear_error(isolated_home):
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with repo.lock(timeout=5):
+        with repo.lock(timeout=5, create=True):
             held.set()
             release.wait(10)
 

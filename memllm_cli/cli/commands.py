@@ -307,8 +307,9 @@ def log_(
     def text() -> None:
         for e in entries:
             tags = f" ({', '.join(e['tags'])})" if e["tags"] else ""
+            lost = "  (lost: damaged, written off by memllm repair)" if e.get("lost") else ""
             print(f"{e['version'][:12]}  {e['time']}  {e['op']:<8}  +{e['added']} -{e['dropped']} "
-                  f"= {e['tokens']} {e['unit']}  {safe(e['message'])}{tags}")
+                  f"= {e['tokens']} {e['unit'] or ''}  {safe(e['message'])}{tags}{lost}")
 
     emit(entries, as_json, text)
 
@@ -411,23 +412,36 @@ def snapshot_rollback(
 def repair(
     ctx: typer.Context,
     to: Annotated[str | None, typer.Option("--to", help="A snapshot or version id for HEAD (default: the newest "
-                                           "intact version the journal records as committed).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what HEAD would name.")] = False,
+                                           "intact version the journal records as committed, with the commits "
+                                           "after it made again from their blocks).")] = None,
+    drop_damaged: Annotated[bool, typer.Option("--drop-damaged", help="Remove the damaged blocks that cannot be "
+                                               "rebuilt from every version (their documents lose those chunks; "
+                                               "needs --yes).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --drop-damaged (needed without a "
+                                      "TTY).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be mended.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Mend what verify reports, losing nothing: a lost or garbled HEAD (restored from the
-    journal, or --to), a damaged memory.json, damaged journal lines, snapshot refs and
-    versions nothing needs (moved under the memory's damaged/ folder). Blocks stay: a
-    damaged document is forgotten (forget --purge) or rolled back.
+    """Mend what verify reports, losing nothing: a lost or garbled HEAD (the commits after the
+    last intact one made again from their blocks), a damaged memory.json or journal, damaged
+    versions and snapshot refs (moved under the memory's damaged/ folder), damaged blocks
+    whose documents are still on disk unchanged (rebuilt from them). Exits 6 while damage
+    remains, with the command that clears each part.
 
     Examples:
       memllm verify || memllm repair
       memllm repair --to before-import
+      memllm repair --drop-damaged --yes
     """
-    result = service(ctx).repair(to, dry_run=dry_run)
+    if drop_damaged and not yes and not dry_run:
+        if as_json or not interactive():
+            raise UsageError("--drop-damaged removes blocks from every version for good; pass --yes to confirm")
+        if not typer.confirm("Remove the blocks that cannot be rebuilt from every version, for good?", err=True):
+            raise typer.Exit(1)
+    result = service(ctx).repair(to, dry_run=dry_run, drop_damaged=drop_damaged)
 
     def text() -> None:
-        if not result["problems"]:
+        if not result["problems"] and not result["remaining"]:
             print(f"nothing to repair (HEAD {result['head'][:12]})" if result["head"]
                   else "nothing to repair (no versions yet)")
             return
@@ -436,10 +450,15 @@ def repair(
             print(f"{verb}: {safe(problem)}")
         if result["set_aside"]:
             print(f"{'would move' if dry_run else 'moved'} under damaged/: {', '.join(result['set_aside'])}")
-        if result["head"]:
+        if result["head"] and result["head_repaired"]:
             print(f"HEAD {'would name' if dry_run else 'names'} {result['head'][:12]}")
+        for left in result["remaining"]:
+            err(f"memllm: still damaged: {safe(left['problem'])}")
+            err(f"memllm:   to clear it: {left['fix']}")
 
     emit(result, as_json, text)
+    if result["remaining"] or (dry_run and result["problems"]):
+        raise typer.Exit(StoreError.exit_code)
 
 
 @app.command()
@@ -524,6 +543,9 @@ def verify(
               + ("intact" if result["ok"] else f"{len(result['damaged'])} problem(s)"))
         for line in result["damaged"]:
             err(f"memllm: damaged: {line}")
+        if result["unreached"]:
+            err(f"memllm: note: {len(result['unreached'])} intact block(s) no version names (a version lost to "
+                "damage, or an interrupted commit): memllm repair takes them back into HEAD")
 
     emit(result, as_json, text)
     if not result["ok"]:
@@ -547,18 +569,30 @@ def gc(
     max_disk: Annotated[str | None, typer.Option("--max-disk", metavar="SIZE", help="Then evict the least "
                                                  "recently read long-term blocks until the memory fits SIZE "
                                                  "[config: max_disk; default: no limit].")] = None,
+    drop_unreached: Annotated[bool, typer.Option("--drop-unreached", help="Also delete blocks no version names "
+                                                 "(kept by default: a version lost to damage or an interrupted "
+                                                 "commit wrote them; memllm repair takes them back). Needs "
+                                                 "--yes.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --drop-unreached.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete versions no snapshot or HEAD reaches, and blocks no remaining version uses.
     With --max-disk, then evict blocks to fit it (ask recomputes them when it needs them).
+    Blocks that no version names at all are kept unless --drop-unreached.
 
     Examples:
       memllm gc --dry-run
       memllm gc --keep-versions 20
       memllm gc --keep-long-term 200000
     """
+    if drop_unreached and not yes and not dry_run:
+        if as_json or not interactive():
+            raise UsageError("--drop-unreached deletes blocks no version names, for good; pass --yes to confirm")
+        if not typer.confirm("Delete the blocks no version names, for good?", err=True):
+            raise typer.Exit(1)
     result = service(ctx, max_disk=disk_size(max_disk)).gc(dry_run=dry_run, keep_versions=keep_versions,
-                                                           keep_long_term=keep_long_term)
+                                                           keep_long_term=keep_long_term,
+                                                           drop_unreached=drop_unreached)
     verb = "would delete" if dry_run else "deleted"
     disk = result.get("disk") or {}
 
@@ -569,6 +603,10 @@ def gc(
               + ("" if dry_run else f", {size(result['bytes_freed'])} freed"))
         if disk.get("note"):
             err(f"memllm: warning: {disk['note']}")
+        if result["unreached_kept"]:
+            err(f"memllm: kept {result['unreached_kept']} block(s) no version names (a version lost to damage, "
+                "or an interrupted commit): memllm repair takes them back into HEAD; memllm gc --drop-unreached "
+                "--yes deletes them")
 
     emit(result, as_json, text)
 

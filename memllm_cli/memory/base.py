@@ -52,6 +52,7 @@ class BlockSource(Protocol):
     def read_recomputed(self, block: str) -> tuple[dict, dict] | None: ...
     def write_recomputed(self, block: str, tensors: dict, meta: dict, max_disk: int) -> bool: ...
     def note_reads(self, blocks: list[str]) -> None: ...
+    def pruned_blocks(self) -> set[str]: ...
     def cached(self, key: str) -> Path | None: ...
     def write_cache(self, key: str, fill: Callable[[Path], None]) -> None: ...
     def drop_cache(self, key: str | None = None) -> None: ...
@@ -197,6 +198,12 @@ class Memory(ABC):
     @abstractmethod
     def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update; returns its log entry ({tokens, dropped, seed, ...})."""
+
+    def replay(self, block: str, meta: dict, source: int) -> dict | None:
+        """Take a stored block into the pool again as the update that wrote it (repair: the
+        version that held it was lost), with the drops that update made; returns its log
+        entry, or None where the kind cannot (then the block stays outside the pool)."""
+        return None
 
     @abstractmethod
     def forget(self, sources: set[int]) -> int:
@@ -347,6 +354,14 @@ class Memory(ABC):
     @abstractmethod
     def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:
         """The blocks a version holds rows of (in its pool or any tier the model reads itself)."""
+
+    @classmethod
+    def block_origins(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, dict]:
+        """What a stored version tells of the blocks it names, without reading them: block id
+        -> {source (the document's entry in meta["sources"]), chunk, tokens (where known),
+        update}; for repair, when a block's own file is damaged. Empty where the kind keeps
+        no such record."""
+        return {}
 
     # -- evaluation (memllm bench) -----------------------------------------------------
 

@@ -309,6 +309,24 @@ class FreeMemory(Memory):
                                  {**meta, "codec": found} if found else meta))
         return self.log_update(source, chunk, count, overflow, seed)
 
+    def replay(self, block: str, meta: dict, source: int) -> dict:
+        """The update that wrote `block`, again: the same drops (its seed follows from the
+        update number), its tokens appended; nothing is computed, the block is stored."""
+        count = int(meta["tokens"])
+        tags = {"source": torch.full((count,), source, dtype=torch.int64),
+                "chunk": torch.full((count,), int(meta.get("chunk", 0)), dtype=torch.int64),
+                "row": torch.arange(count, dtype=torch.int64),
+                "block": torch.full((count,), len(self.blocks), dtype=torch.int64)}
+        self.blocks.append(block)
+        seed = self.next_seed()
+        overflow = max(0, len(self.pool) + count - self.pool_size)
+        kept = drop_uniform(len(self.pool), overflow, seed) if overflow else torch.arange(len(self.pool))
+        self.pool = index_pool({name: torch.cat([t[kept], tags[name]]) for name, t in self.pool.tags.items()})
+        self.has_states = False
+        if overflow:
+            self._trim_ram()
+        return self.log_update(source, int(meta.get("chunk", 0)), count, overflow, seed)
+
     def settings(self) -> dict:
         return {**super().settings(), "block_format": self.block_format, "write_scope": self.write_scope}
 
@@ -434,10 +452,11 @@ class FreeMemory(Memory):
                 read = recall.select(idx, question, budget, scores=scores)
                 pool, damaged = recall.read(read, dtype, shape)
             context = sink(lm) + pool
+            read = [c for c in read if c not in damaged]
+            damaged = [{"source": self.sources[c.source]["name"], "chunk": c.chunk, "block": c.block}
+                       for c in damaged] + [{"source": None, "chunk": None, "block": b} for b in idx.damaged]
             if damaged:
-                read = [c for c in read if c not in damaged]
-                info["damaged"] = [{"source": self.sources[c.source]["name"], "chunk": c.chunk, "block": c.block}
-                                   for c in damaged]
+                info["damaged"] = damaged
             info["read_tokens"] = sum(c.tokens for c in read)
             info["sources"] = recall.cited(self, read, lm.tokenizer)
             if self.library is not None:
@@ -520,6 +539,26 @@ class FreeMemory(Memory):
     def held_blocks(cls, tensors: dict[str, torch.Tensor], meta: dict) -> set[str]:
         blocks = meta.get("blocks", [])
         return {blocks[i] for i in tensors["block"].unique().tolist() if i >= 0}
+
+    @classmethod
+    def block_origins(cls, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, dict]:
+        """The blocks this version's commit wrote are the last of its list, one per update of
+        its log, in order; the pool's rows tell the document and chunk of the blocks it holds
+        (for a chunk a later revision kept, that revision's: `held`)."""
+        blocks, sources, updates = meta.get("blocks", []), meta.get("sources", []), meta.get("updates", [])
+        out: dict[str, dict] = {}
+        for blk, src, chunk in zip(tensors["block"].tolist(), tensors["source"].tolist(), tensors["chunk"].tolist(),
+                                   strict=True):
+            if 0 <= blk < len(blocks) and 0 <= src < len(sources) and blocks[blk] not in out:
+                held = {"source": sources[src], "chunk": chunk}
+                out[blocks[blk]] = {**held, "tokens": None, "update": None, "held": held}
+        written = blocks[len(blocks) - len(updates):] if len(updates) <= len(blocks) else []
+        for blk, update in zip(written, updates, strict=False):
+            if 0 <= update.get("source", -1) < len(sources):
+                out[blk] = {"source": sources[update["source"]], "chunk": update.get("chunk", 0),
+                            "tokens": update.get("tokens"), "update": update.get("update"),
+                            "held": out.get(blk, {}).get("held")}
+        return out
 
     # -- evaluation --------------------------------------------------------------------
 

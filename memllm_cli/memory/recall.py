@@ -62,11 +62,13 @@ class Index:
     question selects (`candidate`), or all of them when asked for (`candidates`): a memory of
     a million tokens has thousands of blocks, and an answer reads a handful."""
 
-    def __init__(self, columns: dict[str, list], retriever, make: Callable[[int], Candidate]) -> None:
+    def __init__(self, columns: dict[str, list], retriever, make: Callable[[int], Candidate],
+                 damaged: list[str] | None = None) -> None:
         self.columns = columns
         self.retriever = retriever  # bm25s.BM25; None when there is nothing to search
         self._make = make
         self._built: dict[int, Candidate] = {}
+        self.damaged = damaged or []  # blocks the version names that could not be indexed: never read
 
     def __len__(self) -> int:
         return len(self.columns["block"])
@@ -132,21 +134,28 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
             saved = json.loads((folder / "candidates.json").read_text())
             columns, codecs = {name: saved[name] for name in (*COLUMNS, "codec")}, saved["codecs"]
             retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if columns["block"] else None
-            return Index(columns, retriever, make(columns, codecs))
+            return Index(columns, retriever, make(columns, codecs), saved.get("damaged", []))
         except (OSError, ValueError, KeyError, TypeError):
             library.drop_cache(key)  # a damaged (or older) cache is rebuilt below
     live = {s["sha256"]: i for i, s in enumerate(memory.sources) if not s.get("forgotten")}
     columns: dict[str, list] = {name: [] for name in (*COLUMNS, "codec")}
     codecs: list[dict | None] = []
-    texts = []
+    texts, damaged = [], []
+    pruned = library.pruned_blocks()
     for digest in memory.blocks:
-        if digest.startswith("@") or not (library.has_block(digest) or library.is_evicted(digest)):
+        if digest.startswith("@") or digest in pruned:
             continue  # a checkpoint's rows, or a block gc pruned from the long-term tier
-        meta = library.block_meta(digest)
-        source, chunk = memory.owner(digest, meta, live)
-        if source is not None and memory.sources[source].get("forgotten"):
-            source = None
-        ids = library.read_block_ids(digest) if source is not None else None
+        try:
+            if not (library.has_block(digest) or library.is_evicted(digest)):
+                raise StoreError(f"block {digest[:12]} is missing")
+            meta = library.block_meta(digest)
+            source, chunk = memory.owner(digest, meta, live)
+            if source is not None and memory.sources[source].get("forgotten"):
+                source = None
+            ids = library.read_block_ids(digest) if source is not None else None
+        except StoreError:
+            damaged.append(digest)  # reported by every answer until repaired (memllm verify lists it)
+            continue
         if source is None or ids is None:
             continue  # forgotten, or written before blocks kept their token ids (read through the pool only)
         found = codec.of(meta)
@@ -161,10 +170,10 @@ def _stored(memory, library: BlockSource, tokenizer) -> Index:
     def fill(tmp: Path) -> None:
         if retriever is not None:
             retriever.save(str(tmp), show_progress=False)
-        (tmp / "candidates.json").write_text(json.dumps({**columns, "codecs": codecs}))
+        (tmp / "candidates.json").write_text(json.dumps({**columns, "codecs": codecs, "damaged": damaged}))
 
     library.write_cache(key, fill)
-    return Index(columns, retriever, make(columns, codecs))
+    return Index(columns, retriever, make(columns, codecs), damaged)
 
 
 def _ids(library: BlockSource, block: str) -> list[int]:

@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import __version__, memory
+from .. import memory
 from ..clock import now
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 from ..memory.base import forecast
 from ..store import archive
+from . import repair
 from .session import Session
 
 
@@ -26,15 +27,29 @@ class History(Session):
         """Versions from HEAD back through their parents, newest first."""
         repo = self.repo
         self._open()
+        problem = repair.head_problem(repo)
+        if problem is not None:
+            raise StoreError(f"memory {self.memory_name!r} is damaged: {problem}", hint="memllm repair restores it")
         tags: dict[str, list[str]] = {}
         for tag, version in repo.tags().items():
             tags.setdefault(version, []).append(tag)
         out, version = [], repo.head()
         present = set(repo.versions())
-        while version in present and (limit is None or len(out) < limit):  # stops where gc pruned
+        past = repo.past_lost()  # versions repair wrote off: shown from the journal, history goes on
+        unit = None
+        while (version in present or version in past) and (limit is None or len(out) < limit):  # stops where gc pruned
+            if version in past:
+                entry = past[version]
+                out.append({"version": version, "time": entry.get("time"), "op": entry.get("op"),
+                            "message": entry.get("message", ""), "tags": tags.get(version, []),
+                            **{k: entry.get(k, 0) for k in ("tokens", "added", "dropped")}, "unit": unit,
+                            "lost": True})
+                version = entry.get("parent")
+                continue
             meta = repo.version_meta(version)
+            unit = memory.for_version(meta).unit
             out.append({"version": version, "time": meta["time"], "op": meta["op"], "message": meta["message"],
-                        "tags": tags.get(version, []), **meta["stats"], "unit": memory.for_version(meta).unit})
+                        "tags": tags.get(version, []), **meta["stats"], "unit": unit})
             version = meta.get("parent")
         return out
 
@@ -148,113 +163,21 @@ class History(Session):
 
     # -- repair ------------------------------------------------------------------------
 
-    def repair(self, target: str | None = None, *, dry_run: bool = False) -> dict:
-        """Mend what verify reports and can be mended without losing anything: a damaged
-        memory.json is written again (from the journal, else from HEAD and the model); a lost
-        or garbled HEAD points at `target` (a snapshot or version id), by default the newest
-        version the journal records as committed whose file is intact; damaged journal lines,
-        snapshot refs that name no version and damaged versions nothing names are moved
-        under damaged/. Blocks are never touched (forget --purge or rollback deals with a
-        damaged document)."""
-        with self.repo.lock(self.settings.lock_timeout):
-            fixed: list[str] = []
-            info_problem = self._info_problem()
-            if info_problem:
-                if not dry_run:
-                    self.repo.rebuild_info(self._recovered_info())
-                fixed.append(f"memory.json: {info_problem}")
-            self._open(locked=True)
-            repo = self.repo
-            head = None
-            problem = self._head_problem()
-            if problem is None and target is not None:
-                raise InputError("HEAD is intact; nothing to repair", hint="memllm snapshot rollback moves it")
-            if problem is not None:
-                head = repo.resolve(target) if target else repo.last_committed()
-                if head is None:
-                    raise StoreError(f"memory {self.memory_name!r}: the journal names no intact committed version",
-                                     hint="memllm repair --to VERSION (ids are the names in its versions/ folder)")
-                self._point_head(head, dry_run)
-                fixed.append(problem)
-            set_aside: list[str] = []
-            if tags := repo.damaged_tags():
-                fixed.append(f"snapshot refs that name no version: {', '.join(tags)}")
-                set_aside += repo.set_aside_objects(tags=tags, dry_run=dry_run)
-            named = set(repo.tags().values()) | {head or repo.head()}
-            parents = {repo.version_meta(v).get("parent") for v in repo.versions()
-                       if not repo.damaged_versions({v})}
-            stray = [v for v in repo.damaged_versions(set(repo.versions())) if v not in named and v not in parents]
-            if stray:
-                fixed.append(f"damaged versions nothing needs: {', '.join(v[:12] for v in stray)}")
-                set_aside += repo.set_aside_objects(versions=stray, dry_run=dry_run)
-            torn = repo.damaged_journal_lines()
-            if torn:
-                fixed.append(f"journal.jsonl: {len(torn)} damaged line(s)")
-                if not dry_run:
-                    repo.mend_journal()
-            if fixed and not dry_run:
-                repo.log_operation({"time": now(), "op": "repair", "version": head or repo.head(), "problem": fixed[0],
-                                    "problems": fixed})
-        return {"memory": self.memory_name, "problem": fixed[0] if fixed else None, "problems": fixed,
-                "head": head or self.repo.head(), "head_repaired": problem is not None and not dry_run,
-                "set_aside": set_aside, "repaired": bool(fixed) and not dry_run, "dry_run": dry_run}
+    def repair(self, target: str | None = None, *, dry_run: bool = False, drop_damaged: bool = False) -> dict:
+        """Mend what verify reports, losing nothing that can be kept (service/repair.py);
+        `remaining` says what is left and the command that clears each."""
+        return repair.repair(self, target, dry_run=dry_run, drop_damaged=drop_damaged).to_dict()
 
     def _repair(self, version: str, problem: str, dry_run: bool) -> dict:
         """Point a lost or damaged HEAD at `version` (rollback does this while HEAD is damaged)."""
-        self._point_head(version, dry_run)
+        repair.point_head(self.repo, version, dry_run)
         if not dry_run:
             self.repo.log_operation({"time": now(), "op": "repair", "version": version, "problem": problem})
         return {"memory": self.memory_name, "problem": problem, "head": version, "repaired": not dry_run,
                 "dry_run": dry_run}
 
-    def _point_head(self, version: str, dry_run: bool) -> None:
-        if self.repo.damaged_versions({version}):
-            raise StoreError(f"version {version[:12]} is damaged too",
-                             hint="choose another: memllm repair --to VERSION")
-        if not dry_run:
-            self.repo.set_head(version)
-
-    def _info_problem(self) -> str | None:
-        try:
-            self.repo.info()
-        except StoreError as err:
-            return err.message.split(": ", 2)[-1]
-        return None
-
-    def _recovered_info(self) -> dict:
-        """memory.json as it was: from the journal's create entry, else rebuilt from the newest
-        intact version and the model that wrote it (named by the journal, or --model)."""
-        journal = self.repo.journal()
-        created = next((e for e in journal if e.get("op") == "create"), {})
-        if isinstance(created.get("info"), dict):
-            return created["info"]
-        version = self.repo.last_committed() or next(
-            (v for v in sorted(self.repo.versions()) if not self.repo.damaged_versions({v})), None)
-        if version is None or not (self.settings.model or created.get("model")):
-            raise StoreError(f"memory {self.memory_name!r}: memory.json is damaged and nothing records it",
-                             hint="memllm --model MODEL repair, with the model that wrote the memory")
-        meta = self.repo.version_meta(version)
-        lm = self.model({"model": {"name": created.get("model"), "fingerprint": None}})
-        return {"kind": meta["kind"], "pool_size": meta["pool_size"], "write_context": meta["write_context"],
-                "dtype": meta["dtype"], "model": {"name": lm.name, "fingerprint": lm.fingerprint},
-                "sink": lm.prompt.sink_text, "created": created.get("time", meta.get("time")),
-                "memllm": __version__}
-
     def _head_problem(self) -> str | None:
-        """What is wrong with refs/HEAD, or None when it names an existing version (or the
-        memory has no version yet)."""
-        try:
-            head = self.repo.head()
-        except StoreError as err:
-            return err.message.split(": ", 1)[-1]
-        versions = self.repo.versions()
-        if head is None:
-            return "refs/HEAD is missing" if versions else None
-        if head not in versions:
-            return f"refs/HEAD names version {head[:12]}, which is missing"
-        if self.repo.damaged_versions({head}):
-            return f"refs/HEAD names version {head[:12]}, which is damaged"
-        return None
+        return repair.head_problem(self.repo)
 
     # -- forgetting --------------------------------------------------------------------
 
@@ -273,7 +196,8 @@ class History(Session):
             held = mem.forget(set(chosen))
             self.check_head(mem)  # forgetting the damaged documents is allowed: what remains must be intact
             names = [mem.sources[i]["name"] for i in chosen]
-            version = self._commit(mem, "forget", "forget " + ", ".join(names), forgotten=names)
+            version = self._commit(mem, "forget", "forget " + ", ".join(names), {"forgotten": names},
+                                   forgotten=names)
             result = {"version": version, "forgotten": names, "tokens_removed": held, "tokens": len(mem),
                       "unit": mem.unit}
             if purge:  # every revision of these documents: a later one may keep chunks an earlier one wrote
@@ -282,9 +206,9 @@ class History(Session):
                 result["version"] = self.repo.head()
         return result
 
-    def _purge(self, shas: set[str]) -> dict:
-        """Rewrite every version without the blocks of these sources, parents first, then
-        move the refs and delete the old versions and the blocks."""
+    def _purge(self, shas: set[str], blocks: set[str] = frozenset()) -> dict:
+        """Rewrite every version without the blocks of these sources (and `blocks`), parents
+        first, then move the refs and delete the old versions and the blocks."""
         repo = self.repo
         versions = repo.versions()
         metas = {v: repo.version_meta(v) for v in versions}
@@ -299,7 +223,9 @@ class History(Session):
             for v in reversed(chain):
                 done.add(v)
                 order.append(v)
-        purged_blocks = {b for b in repo.blocks() + repo.evicted() if repo.block_meta(b).get("source_sha256") in shas}
+        purged_blocks = set(blocks) | {b for b in repo.blocks() + repo.evicted() if _source_sha(repo, b) in shas}
+        if shas:  # a damaged block whose metadata cannot be read: the versions say whose it is
+            purged_blocks |= {b for b, o in repair.origins(repo).items() if o["source"].get("sha256") in shas}
         mapping: dict[str, str] = {}
         for v in order:
             tensors, meta = repo.read_version(v)
@@ -341,10 +267,10 @@ class History(Session):
         self.repo.info()
         report = self.repo.verify()
         return {"memory": self.memory_name, "ok": report.ok, "damaged": report.damaged, "checked": report.checked,
-                "head": self.repo.head() if report.ok else None}
+                "head": self.repo.head() if report.ok else None, "unreached": report.unreached}
 
     def gc(self, *, dry_run: bool = False, keep_versions: int | None = None,
-           keep_long_term: int | None = None, fit: bool = True) -> dict:
+           keep_long_term: int | None = None, fit: bool = True, drop_unreached: bool = False) -> dict:
         """Delete versions no ref reaches and blocks no kept version uses. With `keep_versions`
         (default: the config's gc_keep_versions, else all), keep only HEAD's and each
         snapshot's nearest that many versions of history. With `keep_long_term` (tokens;
@@ -352,7 +278,10 @@ class History(Session):
         the long-term tier (blocks none of whose tokens is in a kept version's pool) beyond
         that many tokens: this bounds the disk a memory takes, at the cost of what ask can
         still find. Then, with max_disk set (and `fit`), evict blocks until the memory fits it
-        (service/space.py): what ask finds stays, recomputed when read."""
+        (service/space.py): what ask finds stays, recomputed when read.
+
+        Blocks that no version names (a version lost to damage, an interrupted commit) are
+        kept: repair takes them back into HEAD; `drop_unreached` deletes them."""
         repo = self.repo
         keep_versions = keep_versions or self.settings.gc_keep_versions
         keep_long_term = keep_long_term if keep_long_term is not None else self.settings.gc_keep_long_term
@@ -361,11 +290,15 @@ class History(Session):
             report = repo.verify()
             if not report.ok:  # what gc would delete is decided from refs and versions that may be wrong
                 raise StoreError(f"memory {self.memory_name!r} is damaged ({report.damaged[0]}); gc deletes nothing",
-                                 hint="see memllm verify; memllm repair restores a lost HEAD")
+                                 hint="see memllm verify; memllm repair mends it")
             keep = repo.reachable(keep_versions)
             versions = [v for v in repo.versions() if v not in keep]
-            used = {b for v in keep for b in repo.version_meta(v).get("blocks", [])}
-            blocks = [b for b in dict.fromkeys(repo.blocks() + repo.evicted()) if b not in used]
+            named = {v: repo.version_meta(v).get("blocks", []) for v in repo.versions()}
+            used = {b for v in keep for b in named[v]}
+            listed = {b for blocks in named.values() for b in blocks}
+            stored = list(dict.fromkeys(repo.blocks() + repo.evicted()))
+            unreached = [b for b in stored if b not in listed]
+            blocks = [b for b in stored if b not in used and (b in listed or drop_unreached)]
             long_term = self._long_term_beyond(keep, keep_long_term) if keep_long_term is not None else []
             freed = 0
             if not dry_run:
@@ -380,6 +313,7 @@ class History(Session):
                 freed += disk["bytes_freed"]
         return {"versions_deleted": len(versions), "blocks_deleted": len(blocks) + len(long_term),
                 "long_term_blocks_deleted": len(long_term), "bytes_freed": freed, "dry_run": dry_run,
+                "unreached_kept": 0 if drop_unreached else len(unreached),
                 **({"disk": disk} if disk is not None else {})}
 
     def _long_term_beyond(self, keep: set[str], tokens: int) -> list[str]:
@@ -429,7 +363,7 @@ class History(Session):
         if repo.exists():
             raise InputError(f"memory {self.memory_name!r} exists", hint="import under another name with --memory NAME")
         try:
-            with repo.lock(self.settings.lock_timeout):
+            with repo.lock(self.settings.lock_timeout, create=True):
                 report = archive.import_(repo, Path(path))
         finally:
             repo.remove_if_empty()
@@ -452,14 +386,22 @@ class History(Session):
                 if head is None and repo.versions():
                     raise StoreError("refs/HEAD is missing")
                 meta = repo.version_meta(head) if head else info
+                snapshots = len(repo.tags())
             except StoreError as err:  # one damaged memory does not hide the others
                 out.append({"memory": name, "damaged": err.message, "disk_bytes": repo.disk_bytes()})
                 continue
             out.append({"memory": name, "model": info["model"]["name"], "tokens": meta["stats"]["tokens"] if head
                         else 0, "unit": memory.for_version(meta).unit, "pool_size": info["pool_size"],
-                        "versions": len(repo.versions()), "snapshots": len(repo.tags()),
+                        "versions": len(repo.versions()), "snapshots": snapshots,
                         "disk_bytes": repo.disk_bytes()})
         return out
+
+
+def _source_sha(repo, block: str) -> str | None:
+    try:
+        return repo.block_meta(block).get("source_sha256")
+    except StoreError:
+        return None  # unreadable: repair.origins tells
 
 
 def _identity(sha256: str, name: str) -> tuple[str, str]:

@@ -259,16 +259,19 @@ class Session:
         except StoreError:
             return f"block {block[:12]}"
 
-    def _commit(self, mem: Memory, op: str, message: str = "", **extra) -> str:
-        """Write pending blocks, then the version, then move HEAD: a crash leaves HEAD intact."""
+    def _commit(self, mem: Memory, op: str, message: str = "", journal: dict | None = None, **extra) -> str:
+        """Write pending blocks, then the version, then move HEAD: a crash leaves HEAD intact.
+        The journal records the blocks the commit wrote (so that repair can rebuild a version
+        that is lost later) and `journal`'s entries."""
         repo = self.repo
-        mem.settle([repo.write_block(tensors, meta) for tensors, meta in mem.pending])
+        written = [repo.write_block(tensors, meta) for tensors, meta in mem.pending]
+        mem.settle(written)
         tensors, meta = mem.version_record(op, message, **extra)
         version = repo.write_version(tensors, meta)
         repo.set_head(version)
         repo.log_operation({
             "time": meta["time"], "op": op, "version": version, "parent": meta["parent"], "message": message,
-            **meta["stats"],
+            **meta["stats"], **({"blocks": written} if written else {}), **(journal or {}),
         })
         mem.committed(version)
         return version
@@ -319,7 +322,7 @@ class Session:
     def _ingest(self, collected: Collected, force: bool, sync: bool, progress: Progress,
                 stop: Stop) -> IngestReport:
         name = self.memory_name
-        with self.repo.lock(self.settings.lock_timeout):
+        with self.repo.lock(self.settings.lock_timeout, create=True):
             started = time.perf_counter()  # the time spent waiting for another writer is not ingest time
             info = self._open(locked=True) if self.repo.exists() else None
             lm = self.model(info)
@@ -466,8 +469,10 @@ class Session:
         reading = mem.read(question, budget, chosen)
         reading.info = {"model": lm.name, "memory": self.memory_name, **reading.info}  # the kind adds to it
         for part in reading.info.get("damaged", []):
-            log.warning("%s, chunk %d, is damaged in memory %r and was not read; see memllm verify",
-                        part["source"], part["chunk"], self.memory_name)
+            what = (f"block {part['block'][:12]}" if part["source"] is None
+                    else f"{part['source']}, chunk {part['chunk']},")
+            log.warning("%s is damaged in memory %r and was not read; see memllm verify (memllm repair mends it)",
+                        what, self.memory_name)
         return Answer(reading.tokens, lm.tokenizer, reading.info, started, reading.judge)
 
     # -- status ------------------------------------------------------------------------

@@ -81,6 +81,9 @@ INFO = "memory.json"
 class Verification:
     damaged: list[str] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
+    # intact blocks no readable version names: a lost version's, or an interrupted commit's (not
+    # damage; gc keeps them until told otherwise, repair puts them back where it can)
+    unreached: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -94,9 +97,12 @@ class Store:
         self.root = Path(home) / "memories"
 
     def names(self) -> list[str]:
+        """Memories by name: folders with a memory.json, and folders that lost theirs but keep
+        a history (damaged memories: `memllm list` shows them, `memllm repair` mends them)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / INFO).is_file())
+        return sorted(p.name for p in self.root.iterdir() if NAME.match(p.name) and p.is_dir() and (
+            (p / INFO).exists() or any((p / "versions").glob("*.safetensors"))))
 
     def open(self, name: str) -> Repo:
         """The handle of memory `name` (which need not exist yet)."""
@@ -152,10 +158,14 @@ class Repo:
         _atomic_write(self.folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
 
     @contextlib.contextmanager
-    def lock(self, timeout: float) -> Iterator[None]:
+    def lock(self, timeout: float, *, create: bool = False) -> Iterator[None]:
         """Hold the memory's write lock. A writer that has to wait says so at once (through
-        the "memllm" logger), naming the holder from `lock.owner` (pid, command, since when)."""
+        the "memllm" logger), naming the holder from `lock.owner` (pid, command, since when).
+        Only a writer that may `create` the memory (ingest, import) makes its folder: a
+        mistyped name elsewhere is MemoryNotFound and leaves nothing behind."""
         folder = self.folder
+        if not create and not folder.is_dir():
+            raise MemoryNotFound(f"no memory named {self.name!r}", hint=_known(self.store.names()))
         _private_dir(self.store.root)
         _private_dir(folder)
         lock = FileLock(str(folder / "lock"), timeout=timeout, mode=0o600)
@@ -239,14 +249,20 @@ class Repo:
         return (self.folder / "blocks" / f"{block}.safetensors").is_file()
 
     def read_block_ids(self, block: str) -> list[int] | None:
-        """The token ids a block's tokens were written from (an evicted block keeps them), or
-        None for blocks written before blocks kept them."""
+        """The token ids a block's tokens were written from (an evicted block keeps them,
+        checked against their checksum: DamagedBlock), or None for blocks written before
+        blocks kept them."""
         path = self._block_or_stub(block)
         try:
             with safe_open(path, framework="pt") as f:
-                return f.get_tensor("ids").tolist() if "ids" in f.keys() else None
-        except (OSError, SafetensorError) as err:
-            raise StoreError(f"memory {self.name!r} is damaged: block {block[:12]} cannot be read: {err}") from None
+                ids = f.get_tensor("ids") if "ids" in f.keys() else None
+                meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise DamagedBlock(self.name, block, f"it cannot be read: {_why(err, path)}") from None
+        if path.parent.name == "evicted" and (ids is None or _ids_digest(ids) != (meta.get("evicted") or {}).get(
+                "ids_sha256")):
+            raise DamagedBlock(self.name, block, "what eviction kept of it no longer matches its checksum")
+        return ids.tolist() if ids is not None else None
 
     def block_meta(self, block: str) -> dict:
         """A block's metadata, from the block or, once evicted, from what it left behind."""
@@ -290,12 +306,29 @@ class Repo:
             tensors.update({f"kept.{name}": t for name, t in kept.items()})
             tensors["kept.rows"] = rows
             evicted.update(rows=len(keep_rows), kept_sha256=_kept_digest(tensors), kept_codec=codec)
-        stub = self.folder / "evicted" / f"{block}.safetensors"
-        _private_dir(stub.parent)
-        _atomic_write(stub, save(tensors, metadata={"memllm": json.dumps({**meta, "evicted": evicted})}))
+        stub = self._write_stub(block, tensors, meta, evicted)
         path.unlink()
         _fsync_dir(path.parent)
         return size - stub.stat().st_size
+
+    def rebuild_block(self, block: str, ids: list[int], meta: dict, why: str) -> None:
+        """Stand in for a damaged or lost block with what eviction would have kept of it: its
+        token ids (from its document, which is unchanged) and metadata, under its id, so the
+        versions that name it are whole again and its keys and values are recomputed when
+        read. The damaged file, if any, moves under damaged/ first."""
+        path = self.folder / "blocks" / f"{block}.safetensors"
+        if os.path.lexists(path):
+            self.set_aside([path])
+        tensor = torch.tensor(ids, dtype=torch.int32)
+        meta = {k: v for k, v in meta.items() if k != "codec"}
+        self._write_stub(block, {"ids": tensor}, meta,
+                         {"time": now(), "bytes": 0, "ids_sha256": _ids_digest(tensor), "rebuilt": why})
+
+    def _write_stub(self, block: str, tensors: dict[str, torch.Tensor], meta: dict, evicted: dict) -> Path:
+        stub = self.folder / "evicted" / f"{block}.safetensors"
+        _private_dir(stub.parent)
+        _atomic_write(stub, save(tensors, metadata={"memllm": json.dumps({**meta, "evicted": evicted})}))
+        return stub
 
     def read_kept(self, block: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None] | None:
         """The rows an evicted block kept (sorted), their tensors (names as in the block) and the
@@ -306,11 +339,14 @@ class Repo:
                 if "kept.rows" not in f.keys():
                     return None
                 meta = json.loads((f.metadata() or {}).get("memllm", "{}"))
-                tensors = {name.removeprefix("kept."): f.get_tensor(name) for name in f.keys()
-                           if name.startswith("kept.")}
-        except (OSError, SafetensorError, json.JSONDecodeError):
-            return None
-        return tensors.pop("rows"), tensors, (meta.get("evicted") or {}).get("kept_codec")
+                tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith("kept.")}
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise DamagedBlock(self.name, block, f"it cannot be read: {_why(err)}") from None
+        evicted = meta.get("evicted") or {}
+        if _kept_digest(tensors) != evicted.get("kept_sha256"):
+            raise DamagedBlock(self.name, block, "the rows it kept no longer match their checksum")
+        tensors = {name.removeprefix("kept."): t for name, t in tensors.items()}
+        return tensors.pop("rows"), tensors, evicted.get("kept_codec")
 
     def _stub_tokens(self, block: str) -> int:
         """The tokens of an evicted block, checked: its ids must hash to what eviction recorded."""
@@ -468,7 +504,7 @@ class Repo:
             with safe_open(path, framework="pt") as f:
                 return json.loads((f.metadata() or {}).get("memllm", "{}"))
         except (OSError, SafetensorError, json.JSONDecodeError) as err:
-            raise StoreError(f"cannot read {path}: {err}") from None
+            raise StoreError(f"cannot read {path}: {_why(err, path)}") from None
 
     # -- refs ------------------------------------------------------------------------
 
@@ -610,8 +646,9 @@ class Repo:
         for kind, ids in (("blocks", blocks), ("versions", versions)):
             for digest in ids:
                 path = folder / kind / f"{digest}.safetensors"
-                if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                    report.damaged.append(f"{kind[:-1]} {digest[:12]}: checksum mismatch")
+                problem = _stored_file_problem(path, digest)
+                if problem:
+                    report.damaged.append(f"{kind[:-1]} {digest[:12]}: {problem}")
                 elif kind == "blocks":
                     try:
                         with safe_open(path, framework="pt") as f:
@@ -633,6 +670,7 @@ class Repo:
         damaged_versions = {d.split()[1] for d in report.damaged if d.startswith("version")}
         pruned = self.pruned()
         pruned_blocks = self.pruned_blocks()
+        listed: set[str] = set()  # blocks some readable version names
         for version in versions:
             if version[:12] in damaged_versions:
                 continue
@@ -642,6 +680,7 @@ class Repo:
                 report.damaged.append(f"version {version[:12]}: {err.message}")
                 continue
             pairs = [(k, k.replace("block", "row")) for k in tensors if k.split(".")[0].endswith("block")]
+            listed.update(meta.get("blocks", []))
             for i, block in enumerate(meta.get("blocks", [])):
                 if block.startswith("@"):
                     continue  # the model checkpoint's own rows (trained kind)
@@ -665,12 +704,15 @@ class Repo:
                 report.damaged.append(f"refs/{ref}: version {version[:12]} is missing")
         if versions and not (folder / "refs" / "HEAD").exists():
             report.damaged.append(f"refs/HEAD is missing, though the memory has {len(versions)} versions")
+        if versions and not (folder / "journal.jsonl").exists():
+            report.damaged.append(f"journal.jsonl is missing, though the memory has {len(versions)} versions")
         _, torn = self._journal()
         if torn:
             lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
             report.damaged.append(f"journal.jsonl: line {lines} is not a journal entry")
         report.checked = {"blocks": len(blocks), "versions": len(versions), "refs": len(refs),
                           **({"evicted": len(evicted)} if evicted else {})}
+        report.unreached = sorted(set(good_blocks) - listed)
         return report
 
     def damaged_blocks(self, blocks: set[str]) -> list[str]:
@@ -680,16 +722,23 @@ class Repo:
         for block in sorted(blocks):
             if block.startswith("@"):
                 continue  # a checkpoint's own rows
-            path = self.folder / "blocks" / f"{block}.safetensors"
-            try:
-                ok = hashlib.sha256(path.read_bytes()).hexdigest() == block
-            except FileNotFoundError:
-                ok = self._stub_ok(block)
-            except OSError:
-                ok = False
-            if not ok:
+            problem = _stored_file_problem(self.folder / "blocks" / f"{block}.safetensors", block)
+            if problem == "missing" and self._stub_ok(block):
+                continue
+            if problem:
                 out.append(block)
         return out
+
+    def block_problem(self, block: str) -> str | None:
+        """What is wrong with a block a version names (as verify says it), or None."""
+        problem = _stored_file_problem(self.folder / "blocks" / f"{block}.safetensors", block)
+        if problem == "missing" and self.is_evicted(block):
+            try:
+                self._stub_tokens(block)
+            except StoreError as err:
+                return err.message.split(": ", 1)[-1]
+            return None
+        return problem
 
     def _stub_ok(self, block: str) -> bool:
         try:
@@ -699,11 +748,13 @@ class Repo:
 
     # -- repair ------------------------------------------------------------------------
 
-    def set_aside_objects(self, tags: list[str] = (), versions: list[str] = (), *, dry_run: bool = False) -> list[str]:
-        """Move damaged snapshot refs and version files under damaged/ (see `set_aside`);
+    def set_aside_objects(self, tags: list[str] = (), versions: list[str] = (), blocks: list[str] = (), *,
+                          dry_run: bool = False) -> list[str]:
+        """Move damaged snapshot refs, version and block files under damaged/ (see `set_aside`);
         returns their paths inside the memory (what would move, with `dry_run`)."""
         paths = [self.folder / "refs" / "tags" / t for t in tags]
         paths += [self.folder / "versions" / f"{v}.safetensors" for v in versions]
+        paths += [self.folder / "blocks" / f"{b}.safetensors" for b in blocks]
         if dry_run:
             return [str(p.relative_to(self.folder)) for p in paths]
         return self.set_aside(paths)
@@ -727,6 +778,37 @@ class Repo:
             moved.append(str(relative))
         _fsync_dir(self.folder)
         return moved
+
+    def mend_block_link(self, block: str, *, dry_run: bool = False) -> bool:
+        """A block replaced by a symbolic link to a file that holds its bytes: store those bytes
+        as the block again (a regular file); returns whether it did (would)."""
+        path = self.folder / "blocks" / f"{block}.safetensors"
+        try:
+            data = path.read_bytes() if path.is_symlink() else None
+        except OSError:
+            return False
+        if data is None or hashlib.sha256(data).hexdigest() != block:
+            return False
+        if not dry_run:
+            _atomic_write(path, data)  # os.replace puts the file where the link was
+        return True
+
+    def tag_names(self) -> list[str]:
+        """The snapshot refs' names, readable or not."""
+        folder = self.folder / "refs" / "tags"
+        return sorted(t for t in os.listdir(folder) if not t.startswith(".")) if folder.is_dir() else []
+
+    def unreached(self) -> list[str]:
+        """Intact blocks (stored or evicted) that no readable version names: a lost version's,
+        or an interrupted commit's. Not damage; gc keeps them unless told otherwise."""
+        listed: set[str] = set()
+        for version in self.versions():
+            try:
+                listed.update(self.version_meta(version).get("blocks", []))
+            except StoreError:
+                continue
+        return sorted(b for b in set(self.blocks()) | set(self.evicted())
+                      if b not in listed and not self.block_problem(b))
 
     def damaged_tags(self) -> list[str]:
         """Snapshot names whose ref file does not name a version."""
@@ -765,15 +847,15 @@ class Repo:
 
     def damaged_versions(self, versions: set[str]) -> list[str]:
         """Those of `versions` whose file is missing or no longer hashes to its id."""
-        out = []
-        for version in sorted(versions):
-            try:
-                data = (self.folder / "versions" / f"{version}.safetensors").read_bytes()
-            except OSError:
-                data = b""
-            if hashlib.sha256(data).hexdigest() != version:
-                out.append(version)
-        return out
+        return [v for v in sorted(versions) if _stored_file_problem(self.folder / "versions" / f"{v}.safetensors", v)]
+
+    def write_journal(self, entries: list[dict]) -> None:
+        """Write a journal that was lost (repair rebuilds its entries from the versions)."""
+        _atomic_write(self.folder / "journal.jsonl",
+                      b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+
+    def has_journal(self) -> bool:
+        return (self.folder / "journal.jsonl").exists()
 
     def last_committed(self) -> str | None:
         """The newest version the journal records as committed whose file is intact."""
@@ -797,6 +879,7 @@ class Repo:
         the ref itself and its depth - 1 nearest ancestors."""
         seen: set[str] = set()
         present = set(self.versions())
+        past = self.past_lost()
         todo = [(v, 1) for v in [self.head(), *self.tags().values()] if v]
         while todo:
             version, level = todo.pop()
@@ -804,13 +887,27 @@ class Repo:
                 continue
             seen.add(version)
             parent = self.version_meta(version).get("parent")
+            while parent in past:  # a version repair wrote off: history goes on past it
+                parent = past[parent]["parent"]
             if parent and (depth is None or level < depth):
                 todo.append((parent, level + 1))
         return seen
 
+    def past_lost(self) -> dict[str, dict]:
+        """Versions repair wrote off (damaged or missing) that the journal recorded as
+        committed: version -> that journal entry (its parent, time, operation, counts), so
+        that history can be followed past them."""
+        journal = self.journal()
+        lost = {v for e in journal if e.get("op") == "repair" for v in e.get("lost_versions", [])}
+        present = set(self.versions())
+        return {e["version"]: e for e in journal if e.get("version") in lost and e.get("version") not in present
+                and e.get("op") in ("ingest", "forget", "rollback", "repair") and "parent" in e}
+
     def pruned(self) -> set[str]:
-        """Versions that gc deleted on purpose (their children's parent links dangle)."""
-        return {v for e in self.journal() if e.get("op") == "gc" for v in e.get("pruned", [])}
+        """Versions gone on purpose, so their children's parent links dangle: deleted by gc,
+        or found damaged or missing and written off by repair (history ends there)."""
+        return {v for e in self.journal() if e.get("op") in ("gc", "repair")
+                for v in e.get("pruned", []) + e.get("lost_versions", [])}
 
     def pruned_blocks(self) -> set[str]:
         """Long-term blocks that gc deleted on purpose (versions still list them, no pool row uses them)."""
@@ -908,6 +1005,32 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((row, row + 1))
     return runs
+
+
+def _stored_file_problem(path: Path, digest: str) -> str | None:
+    """What is wrong with an immutable stored file, or None: it must be a regular file (not a
+    link to somewhere else), readable, and hash to its name."""
+    try:
+        if path.is_symlink():
+            return "replaced by a symbolic link (a stored file is a regular file)"
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"cannot be read: {_why(err)}"
+    return None if hashlib.sha256(data).hexdigest() == digest else "checksum mismatch"
+
+
+def _why(err: Exception, path: Path | None = None) -> str:
+    """An error's reason in a few words (an OSError's strerror, not its repr). The safetensors
+    reader reports a file it may not open in its own words: `path` is opened to say why."""
+    if path is not None and not isinstance(err, OSError):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as opened:
+            err = opened
+    return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
 
 
 def _check_format(name: str, found) -> None:
