@@ -123,3 +123,52 @@ def test_every_command_on_a_damaged_memory(kind, memory, tmp_path, monkeypatch):
     assert code == 0 and json.loads(out)["ok"], out
     code, out, err = cli("ask", "--max-tokens", "4", "shed code?")
     assert code == 0, err
+
+
+# -- sync: renames, copies, links (issue 30) ---------------------------------------------------
+
+def sources() -> dict[str, int]:
+    code, out, err = cli("status", "--json")
+    assert code == 0, err
+    return {Path(s["name"]).name: s["held"] for s in json.loads(out)["sources"]}
+
+
+def synced(folder: Path) -> dict:
+    code, out, err = cli("ingest", "--sync", "--json", str(folder))
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("how", ["rename", "copy then delete"])
+def test_sync_keeps_a_renamed_document(how, tmp_path, env_model):
+    notes = tmp_path / "n"
+    notes.mkdir()
+    (notes / "a.md").write_text("The retro is on Fridays.\n")
+    synced(notes)
+    held = sources()["a.md"]
+    if how == "rename":
+        (notes / "a.md").rename(notes / "b.md")
+    else:
+        (notes / "b.md").write_bytes((notes / "a.md").read_bytes())
+        assert synced(notes)["unchanged"]  # a copy beside its original: the text is in memory already
+        (notes / "a.md").unlink()
+    report = synced(notes)
+    assert report["renamed"] == [{"from": str(notes / "a.md"), "to": str(notes / "b.md")}], report
+    assert report["removed"] == [] and report["chunks"] == 0 and report["reused"] == 1
+    assert sources() == {"b.md": held}
+    code, out, _ = cli("ask", "--json", "--max-tokens", "4", "When is the retro?")
+    assert code == 0 and [Path(s["source"]).name for s in json.loads(out)["sources"]] == ["b.md"]
+
+
+def test_sync_forgets_a_document_reached_through_a_link_once_the_link_is_gone(tmp_path, env_model):
+    notes, outside = tmp_path / "n", tmp_path / "elsewhere"
+    notes.mkdir()
+    outside.mkdir()
+    (notes / "a.md").write_text("The retro is on Fridays.\n")
+    (outside / "bees.md").write_text("The bees live by the north wall.\n")
+    (notes / "bees.md").symlink_to(outside / "bees.md")
+    synced(notes)
+    assert sorted(sources()) == ["a.md", "bees.md"]
+    (notes / "bees.md").unlink()
+    report = synced(notes)
+    assert report["removed"] == [str(outside / "bees.md")] and sorted(sources()) == ["a.md"]

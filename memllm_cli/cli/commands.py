@@ -75,6 +75,8 @@ def ingest(
             err(f"memllm: updated {safe(updated)}: its new text replaces the old")
         for removed in report.removed:
             err(f"memllm: forgot {safe(removed)}: its file is gone")
+        for moved in report.renamed:
+            err(f"memllm: {safe(moved['from'])} is now {safe(moved['to'])}: its chunks kept under the new name")
         for resumed in report.resumed:
             err(f"memllm: resumed {safe(resumed)} where the stopped ingest left it")
         if report.reused:

@@ -48,6 +48,7 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)  # documents whose new text replaced the old
     removed: list[str] = field(default_factory=list)  # --sync: documents whose files are gone
+    renamed: list[dict] = field(default_factory=list)  # --sync: {from, to}: a gone file's text found at a new path
     resumed: list[str] = field(default_factory=list)  # documents a stopped ingest had written in part
     reused: int = 0  # chunks of edited documents kept as they were (not written again)
     skipped: list[dict] = field(default_factory=list)
@@ -83,6 +84,7 @@ class _Step:
     old: int | None
     kept: dict[int, str]
     resumed: bool = False
+    renamed: bool = False  # `old` is another document with this text, whose file is gone (--sync)
 
 
 class Answer:
@@ -338,9 +340,12 @@ class Session:
                     self._create(lm, mem)
             report = IngestReport(name, 0, 0, 0, 0, 0.0, len(mem), mem.pool_size,
                                   skipped=[{"path": p, "reason": r} for p, r in collected.skipped], unit=mem.unit)
-            plan = self._plan(mem, collected, force, report)
             gone = _deleted(mem, collected) if sync else []
+            plan = self._plan(mem, collected, force, report, set(gone))
+            carried = {step.old for step in plan if step.renamed}  # a renamed document keeps its chunks
+            gone = [i for i in gone if i not in carried]
             report.removed = [mem.sources[i]["name"] for i in gone]
+            touched = _note_links(mem, collected)
             progress.start(sum(len(c.ids) for step in plan for c in step.chunks if c.index not in step.kept),
                            f"ingesting into {name}")
             last_commit = time.perf_counter()
@@ -357,7 +362,7 @@ class Session:
                 progress.finish()
             if stop.requested:
                 report.interrupted = stop.requested
-            if mem.updates or gone or report.updated or report.reused:
+            if mem.updates or gone or report.updated or report.reused or touched:
                 stopped = f" (stopped by {stop.requested})" if stop.requested else ""
                 self._commit(mem, "ingest", _ingest_message(mem, report) + stopped)
                 report.disk = self.fit_disk()
@@ -367,16 +372,25 @@ class Session:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _plan(self, mem: Memory, collected: Collected, force: bool, report: IngestReport) -> list[_Step]:
+    def _plan(self, mem: Memory, collected: Collected, force: bool, report: IngestReport,
+              gone: set[int] = frozenset()) -> list[_Step]:
         """What each document needs: nothing (unchanged), all of its chunks, or, for an edited
-        or half-written one, the chunks that are not already stored."""
+        or half-written one, the chunks that are not already stored. A new path whose text
+        only documents that this sync forgets hold (a file renamed, or copied and its original
+        deleted) keeps their chunks under its new name."""
         lm = self.model()
         plan, planned = [], set()
         for doc in collected.documents:
             old = mem.live_source(doc.identity)
+            renamed = False
+            if old is None and gone and doc.identity is not None and not force:
+                holders = [i for i, s in enumerate(mem.sources) if s["sha256"] == doc.sha256
+                           and not s.get("forgotten") and not s.get("partial")]
+                if holders and set(holders) <= gone:
+                    old, renamed = holders[-1], True
             partial = old is not None and bool(mem.sources[old].get("partial"))
-            same = old is not None and mem.sources[old]["sha256"] == doc.sha256
-            if doc.sha256 in planned or (not force and not partial and
+            same = old is not None and mem.sources[old]["sha256"] == doc.sha256 and not renamed
+            if doc.sha256 in planned or (not force and not partial and not renamed and
                                          (same or (old is None and mem.has_content(doc.sha256)))):
                 report.unchanged.append(doc.name)
                 continue
@@ -389,9 +403,11 @@ class Session:
                 block = by_ids.pop(tuple(chunk.ids), None)
                 if block is not None:
                     kept[chunk.index] = block
-            plan.append(_Step(doc, chunks, old, kept, resumed=partial and same))
+            plan.append(_Step(doc, chunks, old, kept, resumed=partial and same, renamed=renamed))
             report.warnings += mem.check_chunks(doc.name, [c for c in chunks if c.index not in kept])
-            if old is not None and not (partial and same):
+            if renamed:
+                report.renamed.append({"from": mem.sources[old]["name"], "to": doc.name})
+            elif old is not None and not (partial and same):
                 report.updated.append(doc.name)
             if partial and same:
                 report.resumed.append(doc.name)
@@ -404,6 +420,8 @@ class Session:
         run again resumes it. Returns when it last committed."""
         doc, old = step.doc, step.old
         source = mem.add_source(doc.name, doc.sha256)
+        if doc.via:
+            mem.sources[source]["via"] = doc.via
         revision = mem.sources[old].get("revision", 1) if old is not None else 0
         mem.sources[source]["revision"] = revision if step.resumed else revision + 1
         mem.sources[source]["partial"] = True
@@ -523,8 +541,24 @@ def _listed(names: list[str]) -> str:
 
 
 def _deleted(mem: Memory, collected: Collected) -> list[int]:
-    """Live documents under the folders collected whose files were not found again."""
+    """Live documents under the folders collected, or reached through them (a symlink inside
+    to a file outside: `via`), that were not found through them again."""
     found = {d.identity for d in collected.documents}
     roots = [folder.rstrip(os.sep) + os.sep for folder in collected.folders]
     return [i for i, s in enumerate(mem.sources) if not s.get("forgotten") and s["name"] not in found
-            and any(s["name"].startswith(root) for root in roots)]
+            and any(place.startswith(root) for root in roots for place in (s["name"], s.get("via") or ""))]
+
+
+def _note_links(mem: Memory, collected: Collected) -> bool:
+    """Record on unchanged documents the link inside a folder that reaches them now (so a sync
+    forgets them once the link is gone); returns whether any changed."""
+    changed = False
+    for doc in collected.documents:
+        live = mem.live_source(doc.identity)
+        if live is not None and mem.sources[live]["sha256"] == doc.sha256 and mem.sources[live].get("via") != doc.via:
+            if doc.via or "via" in mem.sources[live]:
+                mem.sources[live]["via"] = doc.via
+                if doc.via is None:
+                    del mem.sources[live]["via"]
+                changed = True
+    return changed

@@ -27,6 +27,7 @@ class Document:
     name: str  # the resolved path of a file, the name given to text (--name), or "<stdin>"
     text: str
     sha256: str  # of the UTF-8 bytes: re-ingesting the same content is a no-op
+    via: str | None = None  # the path inside a folder that reached it, where that is not `name` (a symlink)
 
     @classmethod
     def of(cls, name: str, text: str) -> Document:
@@ -59,8 +60,9 @@ def collect(paths: list[str], stdin: BinaryIO | None = None, *, stdin_name: str 
     result = Collected()
     seen: set[str] = set()
 
-    def add(name: str, data: bytes) -> None:
-        result.documents.append(Document(name, _decode(data), hashlib.sha256(data).hexdigest()))
+    def add(name: str, data: bytes, via: str | None = None) -> None:
+        result.documents.append(Document(name, _decode(data), hashlib.sha256(data).hexdigest(),
+                                         via if via != name else None))
 
     for raw in paths:
         if raw == "-":
@@ -107,7 +109,7 @@ def _add_files(files, result: Collected, seen: set[str], add) -> int:
             continue
         seen.add(key)
         try:
-            add(key, _read(file))
+            add(key, _read(file), str(file.parent.resolve() / file.name))  # a link: named by its target
             texts += 1
         except _NotText as err:
             result.skipped.append((str(file), str(err).removeprefix("is ")))
