@@ -172,3 +172,44 @@ def test_sync_forgets_a_document_reached_through_a_link_once_the_link_is_gone(tm
     (notes / "bees.md").unlink()
     report = synced(notes)
     assert report["removed"] == [str(outside / "bees.md")] and sorted(sources()) == ["a.md"]
+
+
+# -- import: only what an export holds (issue 30) ----------------------------------------------
+
+def _with_extra(archive: Path, target: Path, names: list[str]) -> None:
+    import tarfile
+
+    with tarfile.open(archive) as src, tarfile.open(target, "w") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            dst.addfile(info, io.BytesIO(b"junk"))
+
+
+@pytest.mark.parametrize("extra", [["memllm-memory/evil.sh"], ["memllm-memory/blocks/evil.sh"],
+                                   ["memllm-memory/refs/junk"], ["memllm-memory/versions/" + "0" * 64 + ".txt"],
+                                   [f"memllm-memory/cache/{i}" for i in range(3)]])
+def test_import_refuses_what_no_export_holds(extra, memory, tmp_path):
+    assert cli("export", str(tmp_path / "good.tar"))[0] == 0
+    _with_extra(tmp_path / "good.tar", tmp_path / "bad.tar", extra)
+    code, out, err = cli("-m", "copy", "import", str(tmp_path / "bad.tar"))
+    assert code == 3 and "not a memllm export" in err and "unexpected entry" in err, err
+    assert not (memory.parent / "copy").exists()
+    assert cli("-m", "copy", "import", str(tmp_path / "good.tar"))[0] == 0  # the export itself imports
+
+
+def test_import_onto_a_full_disk_is_the_disk_not_the_archive(memory, tmp_path, monkeypatch):
+    import errno
+    import tarfile
+
+    assert cli("export", str(tmp_path / "good.tar"))[0] == 0
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", full)
+    code, out, err = cli("-m", "copy", "import", str(tmp_path / "good.tar"))
+    assert code == 1 and "No space left on device" in err and "cannot read" not in err, err
+    assert not (memory.parent / "copy").exists()

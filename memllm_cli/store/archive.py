@@ -4,7 +4,9 @@ verified before an imported memory becomes visible."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -12,10 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ..config import NAME
 from ..errors import InputError, StoreError
 from .repo import INFO, Repo, Store, Verification, _check_format, _fsync_dir, _private_dir
 
 ROOT = "memllm-memory"  # every member of an export lies under this folder
+MAX_MEMBERS = 1_000_000  # far more than a memory of many millions of tokens and years of versions
+_SHA_FILE = re.compile(r"^[0-9a-f]{64}\.safetensors$")
+_FOLDERS = {(), ("blocks",), ("evicted",), ("versions",), ("refs",), ("refs", "tags")}
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk memllm writes to, not the archive
 
 
 def members(repo: Repo) -> list[str]:
@@ -65,6 +72,23 @@ def export(repo: Repo, target: Path, *, force: bool = False) -> int:
     return count
 
 
+def _expected(member: tarfile.TarInfo) -> bool:
+    """Whether an archive entry is one an export holds (docs/storage.md's layout)."""
+    parts = tuple(member.name.rstrip("/").split("/"))
+    if not parts or parts[0] != ROOT:
+        return False
+    inside = parts[1:]
+    if member.isdir():
+        return inside in _FOLDERS
+    if not member.isfile():
+        return False
+    if inside in ((INFO,), ("journal.jsonl",), ("refs", "HEAD")):
+        return True
+    if len(inside) == 2 and inside[0] in ("blocks", "evicted", "versions"):
+        return bool(_SHA_FILE.match(inside[1]))
+    return len(inside) == 3 and inside[:2] == ("refs", "tags") and bool(NAME.match(inside[2])) and inside[2] != "HEAD"
+
+
 def import_(repo: Repo, source: Path) -> Verification:
     """Unpack an export into the new memory `repo`; it only appears if it verifies."""
     root = repo.store.root
@@ -73,14 +97,20 @@ def import_(repo: Repo, source: Path) -> Verification:
     try:
         try:
             with tarfile.open(source, "r:*") as tar:
-                for member in tar.getmembers():
-                    parts = Path(member.name).parts
-                    if not member.isfile() or len(parts) < 2 or parts[0] != ROOT or ".." in parts:
-                        raise InputError(f"{source} is not a memllm export (unexpected entry {member.name!r})")
-                tar.extractall(staging, filter="data")
+                for count, member in enumerate(tar, 1):  # one at a time: a huge archive is refused early
+                    if count > MAX_MEMBERS:
+                        raise InputError(f"{source} is not a memllm export (over {MAX_MEMBERS:,} entries)")
+                    if not _expected(member):
+                        raise InputError(f"{source} is not a memllm export (unexpected entry {member.name!r})",
+                                         hint="an export holds memory.json, journal.jsonl, blocks/, evicted/, "
+                                              "versions/ (files named by their SHA-256) and refs/ only")
+                    if member.isfile():
+                        tar.extract(member, staging, filter="data")
         except tarfile.TarError:
             raise InputError(f"{source} is not a memllm export (not a tar archive)") from None
         except OSError as err:
+            if err.errno in _DISK:  # a full or read-only disk: the disk's error, not a bad archive
+                raise OSError(err.errno, err.strerror, str(repo.store.root)) from None
             raise InputError(f"cannot read {source}: {err.strerror or err}") from None
         unpacked = staging / ROOT
         if not (unpacked / INFO).is_file():
