@@ -15,6 +15,7 @@ checked against its field's type when the file is read.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -69,16 +70,20 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 def parse_size(text: object) -> int:
     """Bytes from 1000000, "1GB", "1.5 GiB" or "500mb" (decimal units, binary with an i);
     ValueError otherwise."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if not 0 <= text < float("inf"):
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
             raise ValueError(f"a size must be >= 0, not {text}")
-        return int(text)
+        return text
     if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a size (write it as 500MB, 1GB or 2GiB)")
+        raise ValueError(f"{text!r} is not a size (a whole number of bytes, or with a unit: 500MB, 1GB, 2GiB)")
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size (write it as 500MB, 1GB or 2GiB)")
+    if unit in ("", "b") and "." in match.group(1):
+        raise ValueError(f"{text!r} is not a size: without a unit it is bytes, a whole number (or write 1.5GB)")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -88,12 +93,17 @@ def config_path() -> Path:
 
 
 def load_settings(*, memory: str | None = None, model: str | None = None, **overrides) -> Settings:
-    file = _read_config(config_path())
+    path = config_path()
+    if os.environ.get("MEMLLM_CONFIG") and not path.exists():  # named on purpose: a typo must not pass
+        raise ConfigError(f"MEMLLM_CONFIG names {path}, which does not exist",
+                          hint="create it, or unset MEMLLM_CONFIG to use the default")
+    file = _read_config(path)
     home = os.environ.get("MEMLLM_HOME")
     cache = os.environ.get("MEMLLM_CACHE")
     values: dict = {
-        "home": Path(home).expanduser() if home else Path(platformdirs.user_data_dir(APP)),
-        "cache_dir": Path(cache).expanduser() if cache else Path(platformdirs.user_cache_dir(APP)),
+        "home": _folder("MEMLLM_HOME", Path(home).expanduser()) if home else Path(platformdirs.user_data_dir(APP)),
+        "cache_dir": _folder("MEMLLM_CACHE", Path(cache).expanduser()) if cache else
+        Path(platformdirs.user_cache_dir(APP)),
         "memory": DEFAULT_MEMORY,
         "model": None,
     }
@@ -101,6 +111,18 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
     values.update({key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)})
     values.update({k: v for k, v in {"memory": memory, "model": model, **overrides}.items() if v is not None})
     return Settings(**values)
+
+
+def _folder(variable: str, path: Path) -> Path:
+    """A folder named by an environment variable, which may not exist yet, but whose nearest
+    existing ancestor must be a folder (MEMLLM_HOME=/etc/passwd/x can never hold memories)."""
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ConfigError(f"{variable}={path}: {place} is not a folder",
+                                  hint=f"point {variable} at a folder (it is created if missing)")
+            return path
+    return path
 
 
 def _read_config(path: Path) -> dict:
@@ -135,6 +157,8 @@ def _checked(path: Path, key: str, value):
     if not ok:
         wanted = " or ".join({int: "an integer", float: "a number", str: "a string"}[t] for t in allowed)
         raise ConfigError(f"{path}: {key} must be {wanted}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {key} must be a finite number, not {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, not {value!r}")
     if key in _POSITIVE and value < 1 or key in _NON_NEGATIVE and value < 0:

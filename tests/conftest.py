@@ -12,6 +12,7 @@ import torch
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMLLM_HOME", str(tmp_path / "home"))
+    (tmp_path / "no-config.toml").write_text("")  # an empty config file: the defaults
     monkeypatch.setenv("MEMLLM_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MEMLLM_MODEL", raising=False)

@@ -59,6 +59,10 @@ def test_a_file_that_is_not_gguf(tmp_path, env_model):
     ("pool_size = 0", "pool_size must be >= 1, not 0"),
     ("read_budget = -5", "read_budget must be >= 0"),
     ("pool_size = true", "pool_size must be an integer, not True"),
+    ("lock_timeout = nan", "lock_timeout must be a finite number, not nan"),
+    ("lock_timeout = inf", "lock_timeout must be a finite number, not inf"),
+    ("max_disk = 1.5", "max_disk: 1.5 is not a size"),
+    ('max_disk = "1.5"', "without a unit it is bytes, a whole number"),
 ])
 def test_config_values_are_type_checked(line, text, tmp_path, env_model):
     config = tmp_path / "config.toml"
@@ -75,6 +79,15 @@ def test_config_types_are_derived_from_the_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMLLM_CONFIG", str(tmp_path))
     with pytest.raises(ConfigError, match="is a directory"):
         load_settings()
+
+
+def test_a_missing_config_file_named_on_purpose_and_a_home_under_a_file(tmp_path, env_model):
+    one_error(memllm("list", env={"MEMLLM_CONFIG": str(tmp_path / "typo.toml")}), 2,
+              f"MEMLLM_CONFIG names {tmp_path / 'typo.toml'}, which does not exist")
+    (tmp_path / "file").write_text("x")
+    for command in (["list"], ["status"], ["ingest", "-"]):
+        one_error(memllm(*command, stdin=b"text", env={"MEMLLM_HOME": str(tmp_path / "file" / "x")}), 2,
+                  f"MEMLLM_HOME={tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is not a folder")
 
 
 def test_a_pool_the_model_cannot_use_is_refused(tmp_path, env_model):
