@@ -113,6 +113,20 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
     return Settings(**values)
 
 
+def private_folder(path: Path) -> Path:
+    """Make `path` and any missing folder above it user-only (0700); folders that exist are
+    left as they are (the user's own, or /tmp)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process
+        folder.chmod(0o700)  # whatever the umask
+    return path
+
+
 def _folder(variable: str, path: Path) -> Path:
     """A folder named by an environment variable, which may not exist yet, but whose nearest
     existing ancestor must be a folder (MEMLLM_HOME=/etc/passwd/x can never hold memories)."""

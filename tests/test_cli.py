@@ -129,6 +129,28 @@ def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_mod
     assert json.loads(memllm("status", "--json").stdout) == before
 
 
+def test_sighup_stops_an_ingest_like_sigterm(tmp_path, env_model):
+    import signal
+    import time
+
+    (tmp_path / "first.txt").write_text(PARAGRAPH)
+    assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))
+    proc = subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not _locked(lock):
+        time.sleep(0.1)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert b"SIGHUP" in err and b"Traceback" not in err
+    assert memllm("verify").returncode == 0
+
+
 def _locked(path):
     import fcntl
 
@@ -147,8 +169,8 @@ def test_an_unusable_home_is_one_line_not_a_traceback(tmp_path, env_model):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = memllm("ingest", "-", stdin=PARAGRAPH.encode(), env={"MEMLLM_HOME": str(blocker / "home")})
-    assert out.returncode == 1
-    assert out.stderr.decode().startswith("memllm: error: Not a directory")
+    assert out.returncode == 2  # a setting that can never work (issue 30): it was exit 1, "Not a directory"
+    assert out.stderr.decode().startswith(f"memllm: error: MEMLLM_HOME={blocker / 'home'}: {blocker} is not a folder")
     assert b"Traceback" not in out.stderr
 
 

@@ -393,3 +393,75 @@ def test_the_embedded_model_through_the_server_answers_as_in_process(tmp_path, m
         assert done.stdout.strip() == answer
     finally:
         started.stop()
+
+
+def test_a_bare_port_listens_on_loopback_and_folders_given_keep_their_mode(tmp_path, tiny_dir):
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: world-writable and sticky
+    env = {**os.environ, "MEMLLM_HOME": str(tmp_path / "new" / "home"), "MEMLLM_MODEL": str(tiny_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "memllm_cli", "serve", "--socket", str(shared / "m.sock"),
+                             "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert found, line
+        assert httpx.get(f"http://127.0.0.1:{found.group(1)}/v1/models", timeout=30).status_code == 200
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777  # the user's folder: untouched
+        assert stat.S_IMODE((shared / "m.sock").stat().st_mode) == 0o600
+        for made in (tmp_path / "new", tmp_path / "new" / "home"):  # folders memllm made: user-only
+            assert stat.S_IMODE(made.stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "new" / "home" / "serve.lock").stat().st_mode) == 0o600
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)  # writable by others, not sticky: another user could replace the socket
+    refused = subprocess.run([sys.executable, "-m", "memllm_cli", "serve", "--socket", str(loose / "m.sock")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "may be written by others" in refused.stderr
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o777
+
+
+def test_the_bearer_scheme_is_case_insensitive(tmp_path, tiny_dir):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    key.chmod(0o600)
+    guarded = Server(tmp_path / "home", tiny_dir, tmp_path / "k.sock", "--api-key-file", str(key))
+    try:
+        for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
+            assert guarded.tcp.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+        assert guarded.tcp.get("/v1/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
+    finally:
+        guarded.stop()
+
+
+@pytest.mark.parametrize("documents, says", [
+    ([{"name": "e", "text": ""}], "e is empty"),
+    ([{"name": "e", "text": "  \n"}], "e is empty"),
+    ([{"name": "", "text": "Some text."}], "name must not be empty"),
+    ([{"name": "n", "text": "Some\x00text."}], "NUL"),
+    ([{"name": "n", "text": "One."}, {"name": "n", "text": "Two."}], "given twice"),
+])
+def test_api_ingest_is_validated_as_the_cli_validates_files(server, documents, says):
+    got = server.uds.post("/api/memories/notes/ingest", json={"documents": documents})
+    assert got.status_code == 400 and says in got.json()["error"]["message"], got.text
+    assert got.json()["error"]["code"] == 3  # the CLI's exit code for bad input
+
+
+def test_log_limits_and_chunked_json_bodies_over_the_limit(server):
+    ingest(server.uds, **{"a.txt": NOTE})
+    for limit in ("0", "-1"):
+        assert server.uds.get(f"/api/memories/notes/log?limit={limit}").status_code == 400
+    assert len(server.uds.get("/api/memories/notes/log?limit=1").json()) == 1
+
+    def chunks():
+        for _ in range(17):
+            yield b"x" * (1 << 20)
+
+    for path in ("/v1/chat/completions", "/api/memories/notes/ask", "/api/memories/notes/ingest"):
+        big = server.uds.post(path, content=chunks(), headers={"content-type": "application/json"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", (path, big.text)

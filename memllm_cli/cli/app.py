@@ -38,11 +38,30 @@ TERMINATED = "terminated; the memory keeps its last committed state"
 
 
 class Terminated(BaseException):
-    """SIGTERM: unwinds like Ctrl-C (every `finally` runs: temp files, the lock)."""
+    """SIGTERM, or SIGHUP (the terminal closed): unwinds like Ctrl-C (every `finally` runs:
+    temp files, the lock), and the exit code is 128 + the signal's number, as a shell reports."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+STOPPING = (signal.SIGTERM, signal.SIGHUP)  # what stops memllm like SIGTERM (SIGINT: Ctrl-C)
+
+
+def stopping_signals() -> list[int]:
+    """SIGINT and the STOPPING signals this process may handle: one that its parent ignores
+    (nohup ignores SIGHUP) stays ignored."""
+    return [s for s in (signal.SIGINT, *STOPPING) if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+def exit_for(signal_name: str) -> int:
+    """The exit code of a command a signal stopped: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return 128 + signal.Signals[signal_name] if signal_name in signal.Signals.__members__ else EXIT_TERMINATED
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _version_callback(value: bool) -> None:
@@ -133,7 +152,8 @@ def _interrupted(e: KeyboardInterrupt) -> Report:
 
 
 def _terminated(e: Terminated) -> Report:
-    return TERMINATED, None, EXIT_TERMINATED
+    return TERMINATED.replace("terminated", f"stopped by {signal.Signals(e.signum).name}") \
+        if e.signum != signal.SIGTERM else TERMINATED, None, 128 + e.signum
 
 
 def _bug(e: Exception) -> Report:
@@ -188,7 +208,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(1)
     sys.stdout = _Stdout(sys.stdout)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for signum in stopping_signals():
+            if signum != signal.SIGINT:
+                signal.signal(signum, _on_sigterm)
     try:
         code = app(args=argv, prog_name="memllm", standalone_mode=False)
     except SystemExit:
@@ -198,6 +220,7 @@ def run(argv: list[str] | None = None) -> None:
             raise
         if isinstance(raised, (ReaderGone, BrokenPipeError)):
             _reader_gone()
+        raised = _signal_in(raised)
         handler = next((h for kind, h in ERRORS if isinstance(raised, kind)), None)
         if handler is None:
             raise
@@ -212,8 +235,21 @@ def run(argv: list[str] | None = None) -> None:
     _exit(code if isinstance(code, int) else 0)
 
 
+def _signal_in(raised: BaseException) -> BaseException:
+    """The Ctrl-C or SIGTERM behind an error, if one caused it: a signal that lands while a
+    library imports a module comes back as that library's import error (transformers turns it
+    into "Could not import module ..."), and is still the user stopping memllm."""
+    seen, cause = set(), raised
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return raised
+
+
 def _exit(code: int) -> None:
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+    if code == EXIT_INTERRUPTED or code in (128 + s for s in STOPPING):
         # Every `finally` below (temp files, the lock) has run by now. Leave at once: under
         # load, a SIGINT-killed status (-2) instead of 130 was seen when unwinding further.
         sys.stdout.flush()

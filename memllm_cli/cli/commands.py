@@ -16,7 +16,7 @@ import typer
 
 from ..errors import InputError, StoreError, Ungrounded, UsageError
 from ..server.client import ServerGone
-from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, app, remote, service
+from .app import Terminated, app, exit_for, remote, service, stopping_signals
 from .render import disk_size, emit, err, interactive, progress_for, safe, show, size, table
 
 
@@ -97,7 +97,7 @@ def ingest(
     if report.interrupted:
         err(f"memllm: stopped by {report.interrupted} at a chunk boundary; what was written is committed: "
             "run the same command again to resume")
-        raise typer.Exit(EXIT_INTERRUPTED if report.interrupted == "SIGINT" else EXIT_TERMINATED)
+        raise typer.Exit(exit_for(report.interrupted))
 
 
 class _RemoteStop:
@@ -120,7 +120,7 @@ class _RemoteStop:
 
 @contextmanager
 def stop_at_chunk_boundary(stop):
-    """While chunks are written, Ctrl-C or SIGTERM asks the ingest to stop at the next chunk
+    """While chunks are written, Ctrl-C, SIGTERM or SIGHUP asks the ingest to stop at the next chunk
     boundary and commit (a second one stops at once, keeping the last commit); before
     that, they stop at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -132,9 +132,9 @@ def stop_at_chunk_boundary(stop):
             stop.requested = signal.Signals(signum).name
             err(f"memllm: {stop.requested}: stopping at the next chunk boundary (again to stop at once)")
             return
-        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, handler) for s in stopping_signals()}
     try:
         yield
     finally:

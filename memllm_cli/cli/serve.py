@@ -16,9 +16,11 @@ from .render import disk_size, err
 def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option("--host", help="Also listen on TCP at this address (127.0.0.1: "
-                                             "loopback; any other address needs an API key).")] = None,
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The TCP port (with --host; 0: any free "
-                                      "port, printed at start).")] = 8420,
+                                             "loopback; any other address needs an API key) [default with "
+                                             "--port: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Also listen on this TCP port, on "
+                                             "--host or loopback (0: any free port; the address is printed at "
+                                             "start) [default with --host: 8420].")] = None,
     socket: Annotated[Path | None, typer.Option("--socket", help="The Unix socket [env: MEMLLM_SOCKET; default: "
                                                 "in the user's runtime dir, one per MEMLLM_HOME].")] = None,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="A file (mode 600) holding the API key "
@@ -34,7 +36,7 @@ def serve(
 
     Examples:
       memllm serve
-      memllm serve --host 127.0.0.1 --port 8420
+      memllm serve --port 8420              (and http://127.0.0.1:8420/v1 for OpenAI clients)
       MEMLLM_API_KEY=... memllm serve --host 0.0.0.0
     """
     from ..config import load_settings
@@ -43,7 +45,9 @@ def serve(
 
     settings = load_settings(**{k: v for k, v in ctx.obj.items() if v is not None})
     key = api_key(api_key_file)
-    listen = Listen(socket or socket_path(settings.home), host, port if host is not None else None)
+    if port is not None and host is None:
+        host = "127.0.0.1"  # a bare --port means loopback, as ollama and llama-server do
+    listen = Listen(socket or socket_path(settings.home), host, (8420 if port is None else port) if host else None)
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn stops gracefully, then passes the signal on: no error then
         signal.signal(sig, lambda signum, frame: None)
     run_server(settings, listen, key=key, max_model_bytes=disk_size(max_model_ram))

@@ -29,7 +29,7 @@ from pathlib import Path
 import platformdirs
 
 from ..clock import now
-from ..config import APP, Settings
+from ..config import APP, Settings, private_folder
 from ..errors import Busy, ConfigError, UsageError
 
 log = logging.getLogger("memllm.serve")
@@ -92,9 +92,8 @@ def serve(settings: Settings, listen: Listen, *, key: str | None = None, max_mod
     if listen.host is not None and not loopback(listen.host) and key is None:
         raise UsageError(f"--host {listen.host} is not a loopback address: set an API key first",
                          hint="MEMLLM_API_KEY=... or --api-key-file FILE (mode 600); or --host 127.0.0.1")
-    home = Path(settings.home)
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = FileLock(str(home / "serve.lock"))
+    home = private_folder(Path(settings.home))
+    lock = FileLock(str(home / "serve.lock"), mode=0o600)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -131,10 +130,20 @@ def serve(settings: Settings, listen: Listen, *, key: str | None = None, max_mod
 
 
 def _unix_socket(path: Path) -> socket.socket:
+    """Listen on `path`, created 0600 (the umask while binding: no moment where others may
+    connect). A folder memllm creates is made 0700; a folder that exists is the user's and is
+    left as it is, but refused when others may write to it and it is not sticky (they could
+    replace the socket)."""
     folder = path.parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if folder.stat().st_mode & 0o077:
-        folder.chmod(0o700)
+    if folder.exists():
+        info = folder.stat()
+        others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.getuid()
+        if others and not info.st_mode & stat.S_ISVTX:
+            raise UsageError(f"{folder} may be written by others (mode {stat.S_IMODE(info.st_mode):o}, owner uid "
+                             f"{info.st_uid}): another user could replace the socket there",
+                             hint="choose a folder of your own for --socket")
+    else:
+        private_folder(folder)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise UsageError(f"{path} exists and is not a socket; memllm serve never replaces it")

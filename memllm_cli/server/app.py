@@ -35,7 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -155,14 +155,16 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
         started = time.perf_counter()
         try:
             if api_key is not None and not local(request):
-                sent = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
+                scheme, _, sent = request.headers.get("authorization", "").strip().partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), api_key.encode()):
                     raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
                                    "invalid_api_key")
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY:
                 raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
             response = await call_next(request)
+            if response.status_code == 400 and request.scope.get("state", {}).get("too_large"):
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
         except Exception as raised:  # noqa: BLE001 - an ApiError (maybe in a task group), else a bug: a 500
             err = api_error_in(raised)
             if err is not None:
@@ -320,7 +322,7 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
         return {"stopping": key}
 
     @app.get("/api/memories/{name}/log")
-    async def history(name: str, limit: int | None = None):
+    async def history(name: str, limit: int | None = Query(default=None, ge=1)):
         return await run_in_threadpool(lambda: existing(name).log(limit))
 
     @app.post("/api/memories/{name}/snapshot")
@@ -377,7 +379,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > self.limit:  # FastAPI turns what its body parser meets into a 400: the flag says why
+                    scope.setdefault("state", {})["too_large"] = True
                     raise ApiError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
             return message
 

@@ -113,6 +113,7 @@ class Remote:
 
     def __init__(self, path: Path, memory: str) -> None:
         self.path, self.memory = path, memory
+        self.ingest_id: str | None = None  # of the last ingest sent, for `stop`
 
     def request(self, method: str, url: str, body: dict | None = None, timeout: float | None = None) -> Response:
         """One request answered whole; `timeout` bounds each read (None: as long as it takes)."""
@@ -149,6 +150,8 @@ class Remote:
     def stop(self, signal_name: str) -> None:
         """Ask the running ingest to stop at its next chunk boundary (from a signal handler:
         on a connection of its own)."""
+        if self.ingest_id is None:
+            return
         try:
             self.request("POST", f"/api/ingests/{self.ingest_id}/stop", {"signal": signal_name},
                          timeout=CONNECT_SECONDS)
@@ -156,7 +159,9 @@ class Remote:
             pass  # the ingest ended meanwhile, or the server went: the answer says which
 
     def ingest_text(self, name: str, text: str) -> dict:
-        body = {"documents": [{"name": name, "text": text}]}
+        """One document's text written on the server (`stop` stops it at a chunk boundary)."""
+        self.ingest_id = f"mcp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        body = {"documents": [{"name": name, "text": text}], "id": self.ingest_id}
         return self._json(self._call("POST", self.url("ingest"), body))
 
     def forget(self, sources: list[str]) -> dict:

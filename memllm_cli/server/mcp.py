@@ -2,15 +2,29 @@
 `mcp` SDK. Tools: remember (write text into memory), recall (answer from memory, with the
 documents read), forget (a document) and status. With a `memllm serve` of the same home
 running, the tools go through it (its models are warm); else they run in this process.
+
+The SDK's stdio transport is given a guarded standard input: every line is checked before the
+SDK sees it, and a line that is not JSON (-32700), not a JSON-RPC message (-32600) or over
+MAX_REQUEST bytes (-32600, read no further than that) is answered with JSON-RPC's error, where
+the SDK would answer nothing and leave the client waiting. When standard input closes (the
+client went), an ingest in flight stops at its next chunk boundary, commits, and memllm mcp
+exits.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import MemllmError
 from .client import Remote, connect
+
+MAX_REQUEST = 1 << 20  # bytes one JSON-RPC line may have: a note, not a library (memllm ingest takes those)
+PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 
 INSTRUCTIONS = ("A memory that keeps learning: `remember` what should be known later (notes, decisions, "
                 "facts), `recall` to answer a question from it (the answer cites the documents it read), "
@@ -24,6 +38,14 @@ class Backend:
         self.options = options
         self.remote: Remote | None = connect(options, no_server)
         self._local = None
+        self._stop = None  # the Stop of the ingest in flight in this process
+
+    def stop(self) -> None:
+        """The client went: an ingest in flight stops at its next chunk boundary and commits."""
+        if self.remote is not None:
+            self.remote.stop("SIGTERM")
+        if self._stop is not None:
+            self._stop.requested = self._stop.requested or "SIGTERM"
 
     def local(self):
         if self._local is None:
@@ -35,9 +57,14 @@ class Backend:
     def remember(self, text: str, name: str) -> dict:
         if self.remote is not None:
             return self.remote.ingest_text(name, text)
+        from ..service.session import Stop
         from ..text.sources import Document
 
-        return self.local().ingest_documents([Document.of(name, text)]).to_dict()
+        self._stop = Stop()
+        try:
+            return self.local().ingest_documents([Document.of(name, text)], stop=self._stop).to_dict()
+        finally:
+            self._stop = None
 
     def recall(self, question: str, max_tokens: int) -> dict:
         answer = (self.remote.ask(question, max_tokens=max_tokens) if self.remote is not None
@@ -109,4 +136,129 @@ def build(backend: Backend):
 
 def run(options: dict, no_server: bool = False) -> None:
     """Serve MCP over stdin/stdout until the client closes it."""
-    build(Backend(options, no_server)).run("stdio")
+    import anyio
+
+    backend = Backend(options, no_server)
+    anyio.run(_serve, build(backend), backend)
+
+
+async def _serve(server, backend: Backend) -> None:
+    from mcp.server.stdio import stdio_server
+
+    wire_in, wire_out = _claim_stdio()
+    out = Wire(wire_out)
+    lowlevel = server._lowlevel_server  # MCPServer.run_stdio_async, with our streams
+    try:
+        async with stdio_server(stdin=Guarded(wire_in, out, backend.stop), stdout=out) as (read, write):
+            await lowlevel.run(read, write, lowlevel.create_initialization_options())
+    finally:
+        backend.stop()
+
+
+def _claim_stdio():
+    """The wire (stdin and stdout, duplicated), with fd 0 pointed at /dev/null and fd 1 at
+    stderr, so that nothing a library prints lands among the JSON-RPC messages."""
+    wire_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    wire_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return wire_in, wire_out
+
+
+class Wire:
+    """Standard output for the SDK (async write and flush of text) and for the guard's error
+    answers, one message at a time."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.lock = raw, threading.Lock()
+
+    def send(self, text: str) -> None:
+        with self.lock:
+            self.raw.write(text.encode())
+
+    async def write(self, text: str) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(self.send, text)
+
+    async def flush(self) -> None:
+        return None  # unbuffered
+
+
+class Guarded:
+    """Standard input for the SDK: the lines that are JSON-RPC messages of at most MAX_REQUEST
+    bytes; every other line gets its JSON-RPC error answer here."""
+
+    def __init__(self, raw, out: Wire, gone: Callable[[], None]) -> None:
+        self.raw, self.out, self.gone = raw, out, gone
+        self._pending = b""  # what was read past the last line
+
+    def __aiter__(self):
+        return self._lines()
+
+    async def _lines(self):
+        import anyio
+
+        while True:
+            line, too_long = await anyio.to_thread.run_sync(self._read_line)
+            if line is None:
+                self.gone()  # end of input: the client went; what it started stops at a chunk boundary
+                return
+            if too_long:
+                self._error(None, INVALID_REQUEST, f"Invalid Request: a message is at most {MAX_REQUEST} bytes "
+                                                   "(write long documents with memllm ingest)")
+                continue
+            if not line.strip():
+                continue
+            checked = self._check(line)
+            if checked is not None:
+                yield checked
+
+    def _read_line(self) -> tuple[str | None, bool]:
+        """One line, or (None, False) at the end; a line longer than MAX_REQUEST is read to its
+        end and dropped (only MAX_REQUEST bytes of it are ever held)."""
+        held, too_long = bytearray(), False
+        while True:
+            byte_chunk = self._chunk()
+            if not byte_chunk:
+                return (None, False) if not held and not too_long else (held.decode("utf-8", "replace"), too_long)
+            end = byte_chunk.find(b"\n")
+            part = byte_chunk if end < 0 else byte_chunk[:end]
+            if not too_long:
+                held += part
+                if len(held) > MAX_REQUEST:
+                    too_long, held = True, bytearray()
+            if end >= 0:
+                self._pending = byte_chunk[end + 1:]
+                return held.decode("utf-8", "replace"), too_long
+
+    def _chunk(self) -> bytes:
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+            return chunk
+        return self.raw.read(1 << 16)
+
+    def _check(self, line: str) -> str | None:
+        try:
+            message = json.loads(line)
+        except ValueError as err:
+            self._error(None, PARSE_ERROR, f"Parse error: {err}")
+            return None
+        if not isinstance(message, dict):
+            self._error(None, INVALID_REQUEST, "Invalid Request: a message is a JSON object (batches are not "
+                                               "supported)")
+            return None
+        ident = message.get("id")
+        if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+            ident = None
+        answer = "result" in message or "error" in message
+        if message.get("jsonrpc") != "2.0" or not (isinstance(message.get("method"), str) or answer):
+            self._error(ident, INVALID_REQUEST, 'Invalid Request: not a JSON-RPC 2.0 message ("jsonrpc": "2.0" '
+                                                'and a "method")')
+            return None
+        return line
+
+    def _error(self, ident, code: int, message: str) -> None:
+        self.out.send(json.dumps({"jsonrpc": "2.0", "id": ident, "error": {"code": code, "message": message}}) + "\n")

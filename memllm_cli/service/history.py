@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from .. import memory
 from ..clock import now
-from ..errors import Busy, InputError, MemoryNotFound, StoreError
+from ..errors import Busy, InputError, MemoryNotFound, StoreError, UsageError
 from ..memory.base import forecast
 from ..store import archive
 from . import repair
@@ -25,6 +25,8 @@ class History(Session):
 
     def log(self, limit: int | None = None) -> list[dict]:
         """Versions from HEAD back through their parents, newest first."""
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise UsageError(f"the number of versions to show must be >= 1, got {limit}")
         repo = self.repo
         self._open()
         problem = repair.head_problem(repo)

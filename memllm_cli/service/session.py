@@ -25,7 +25,7 @@ from ..progress import NoProgress, Progress
 from ..store import FORMAT, Store
 from ..store.migrations import migrate
 from ..text.chunking import Chunk, chunk_document
-from ..text.sources import Collected, Document, collect
+from ..text.sources import Collected, Document, checked, collect
 from . import space
 
 log = logging.getLogger("memllm")
@@ -312,7 +312,7 @@ class Session:
     def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False, sync: bool = False,
                          progress: Progress | None = None, stop: Stop | None = None) -> IngestReport:
         if isinstance(collected, list):
-            collected = Collected(collected)
+            collected = Collected(checked(collected))
         progress = progress or NoProgress()
         existed = self.repo.exists()
         try:

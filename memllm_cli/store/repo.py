@@ -55,7 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from ..clock import now
-from ..config import NAME
+from ..config import NAME, private_folder
 from ..errors import Busy, InputError, MemoryNotFound, StoreError
 
 # What an evicted block keeps of its tensors: (tensors, codec, rows) -> (kept tensors, their codec)
@@ -1063,7 +1063,8 @@ def _kept_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """A folder of the store (made user-only, with the folders above it that memllm creates)."""
+    private_folder(path)
     if path.stat().st_mode & 0o077:
         path.chmod(0o700)
 

@@ -41,6 +41,23 @@ class Document:
         return None if self.name == STDIN else self.name
 
 
+def checked(documents: list[Document]) -> list[Document]:
+    """Documents a program gave (the API, MCP), held to what a file must be for `ingest`: a
+    name, text that is not empty and has no NUL, and one document per name in one request."""
+    seen: set[str] = set()
+    for doc in documents:
+        if not doc.name.strip() or "\x00" in doc.name:
+            raise InputError("a document's name must not be empty", hint="name it as a later ingest would replace it")
+        if "\x00" in doc.text:
+            raise InputError(f"{doc.name} is a binary file, not text (it holds a NUL character)")
+        if not doc.text.strip():
+            raise InputError(f"{doc.name} is empty")
+        if doc.name in seen and doc.name != STDIN:
+            raise InputError(f"{doc.name} is given twice in one ingest", hint="give each document once")
+        seen.add(doc.name)
+    return documents
+
+
 @dataclass
 class Collected:
     documents: list[Document] = field(default_factory=list)
