@@ -268,3 +268,21 @@ def test_list_shows_every_memory(tmp_path, env_model):
     assert [m["memory"] for m in listed] == ["one", "two"]
     assert listed[0]["tokens"] > 0 and listed[0]["versions"] == 1 and listed[0]["model"] == str(env_model)
     assert b"one " in memllm("list").stdout
+
+
+def test_global_options_after_the_command(tmp_path, env_model, isolated_home):
+    from memllm_cli.cli.app import hoist_global_options
+    from tests.test_faults import cli
+
+    assert hoist_global_options(["ask", "--no-server", "q"]) == ["--no-server", "ask", "q"]
+    assert hoist_global_options(["ingest", "-", "--name", "-m", "-m", "w"]) == ["-m", "w", "ingest", "-", "--name",
+                                                                               "-m"]  # --name's value stays
+    assert hoist_global_options(["snapshot", "create", "s", "-m", "msg"]) == ["snapshot", "create", "s", "-m", "msg"]
+    assert hoist_global_options(["ask", "--", "--model"]) == ["ask", "--", "--model"]
+    (tmp_path / "a.md").write_text(PARAGRAPH)
+    assert cli("ingest", str(tmp_path / "a.md"), "-m", "work", "--model", str(env_model))[0] == 0
+    code, out, err = cli("ask", "--no-server", "--max-tokens", "2", "-m", "work", "What?")
+    assert code == 0, err
+    code, out, err = cli("snapshot", "create", "s1", "-m", "kept with it", "--memory", "work", "--json")
+    assert code == 0 and json.loads(out)["message"] == "kept with it", err
+    assert [m["memory"] for m in json.loads(cli("list", "--json")[1])] == ["work"]

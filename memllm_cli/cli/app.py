@@ -104,7 +104,8 @@ def main(
 ) -> None:
     """memllm writes text into a fixed-size latent memory inside every layer of a language
     model, and answers questions from it. Memories live under MEMLLM_HOME. When `memllm serve`
-    runs for the same MEMLLM_HOME, ask and status go through it (models stay loaded)."""
+    runs for the same MEMLLM_HOME, ask and status go through it (models stay loaded).
+    The options below may also come after the command: memllm ask --no-server -m work "..."."""
     ctx.obj = {"memory": memory, "model": model, "device": device, "dtype": dtype}
     ctx.meta["no_server"] = no_server
     _log_to_stderr()
@@ -200,6 +201,42 @@ class _Stdout:
         return getattr(self._stream, name)
 
 
+# the global options (main's), and whether each takes a value: accepted after the command too
+GLOBAL_OPTIONS = {"--memory": True, "-m": True, "--model": True, "--device": True, "--dtype": True,
+                  "--no-server": False}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`memllm ask --no-server Q` as `memllm --no-server ask Q`: global options written after the
+    command move before it, unless the command has an option of that name itself
+    (`snapshot create -m MESSAGE`). Values of the command's own options are never taken for one."""
+    group = typer.main.get_command(app)  # click's objects (typer's own copy of click: duck-typed here)
+    start = 0
+    while start < len(argv) and argv[start].startswith("-") and argv[start] != "--":  # globals before the command
+        name = argv[start].split("=", 1)[0]
+        start += 1 + (GLOBAL_OPTIONS.get(name, False) and "=" not in argv[start])
+    command, end = group, start
+    while hasattr(command, "commands") and end < len(argv) and argv[end] in command.commands:
+        command, end = command.commands[argv[end]], end + 1
+    if command is group:
+        return argv
+    own = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    valued = {opt for p in command.params if p.param_type_name == "option" and not p.is_flag and not p.count
+              for opt in p.opts}
+    moved, rest, i = [], [], end
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            rest += argv[i:]
+            break
+        width = 2 if "=" not in token and i + 1 < len(argv) and (
+            name in valued or (name in GLOBAL_OPTIONS and GLOBAL_OPTIONS[name] and name not in own)) else 1
+        (moved if name in GLOBAL_OPTIONS and name not in own else rest).extend(argv[i:i + width])
+        i += width
+    return argv[:start] + moved + argv[start:end] + rest
+
+
 def run(argv: list[str] | None = None) -> None:
     """The entry point: run the app, translate what escapes it, exit."""
     debug = os.environ.get("MEMLLM_DEBUG") == "1"
@@ -212,7 +249,8 @@ def run(argv: list[str] | None = None) -> None:
             if signum != signal.SIGINT:
                 signal.signal(signum, _on_sigterm)
     try:
-        code = app(args=argv, prog_name="memllm", standalone_mode=False)
+        code = app(args=hoist_global_options(sys.argv[1:] if argv is None else list(argv)), prog_name="memllm",
+                   standalone_mode=False)
     except SystemExit:
         raise
     except BaseException as raised:  # the edge: every error ends here, as one line
