@@ -7,6 +7,7 @@
     MEMLLM_DTYPE     float32, bfloat16 or float16
     MEMLLM_CONFIG    the config file (default: <user config dir>/config.toml)
     MEMLLM_CACHE     converted models (default: platformdirs' user cache dir)
+    MEMLLM_THREADS   CPU threads to compute with (default: the usable CPUs nothing else is busy on)
 
 The config file's keys are the fields of `Settings` (but home and cache_dir); each value is
 checked against its field's type when the file is read.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import platformdirs
 
+from . import cpus
 from .errors import ConfigError
 
 APP = "memllm"
@@ -49,13 +51,14 @@ class Settings:
     read_budget: int | None = None  # tokens ask reads, retrieved from pool and long-term tier; 0: the whole pool
     gc_keep_long_term: int | None = None  # tokens of the long-term tier gc keeps; None: all of it
     max_disk: int | None = None  # bytes a memory may take ("1GB" in the file); beyond, old blocks keep only their ids
+    threads: int | None = None  # CPU threads torch computes with; None: the usable CPUs nobody else uses (cpus.py)
 
 
 ENVIRONMENT = {"memory": "MEMLLM_MEMORY", "model": "MEMLLM_MODEL", "device": "MEMLLM_DEVICE", "dtype": "MEMLLM_DTYPE"}
 _TYPES = typing.get_type_hints(Settings)
 KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("home", "cache_dir"))
 _NON_NEGATIVE = {"lock_timeout", "write_context", "read_budget", "gc_keep_long_term"}
-_POSITIVE = {"pool_size", "gc_keep_versions"}
+_POSITIVE = {"pool_size", "gc_keep_versions", "threads"}
 # a memory's (and a snapshot's) name: a folder name on every system (the store checks it; the
 # CLI's server client too, before a name goes into a URL)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,6 +112,11 @@ def load_settings(*, memory: str | None = None, model: str | None = None, **over
     }
     values.update(file)
     values.update({key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)})
+    try:
+        if (threads := cpus.from_environment()) is not None:
+            values["threads"] = threads
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     values.update({k: v for k, v in {"memory": memory, "model": model, **overrides}.items() if v is not None})
     return Settings(**values)
 

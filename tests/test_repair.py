@@ -224,3 +224,31 @@ def test_an_unreadable_block_is_reported_as_unreadable(notes):
     finally:
         for p in (notes / "damaged").rglob("*"):
             p.chmod(0o700)
+
+
+def test_a_deleted_long_term_block_is_reported_by_ask(env_model, isolated_home, tmp_path, monkeypatch):
+    from tests.test_disk_budget import TOPICS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text("pool_size = 512\n")
+    monkeypatch.setenv("MEMLLM_CONFIG", str(tmp_path / "config.toml"))
+    for i, topic in enumerate(TOPICS):
+        (tmp_path / f"n{i}.md").write_text(" ".join([topic + f" Note {i}."] * 14))
+    assert cli("ingest", *[f"n{i}.md" for i in range(len(TOPICS))])[0] == 0
+    folder = isolated_home / "memories" / "default"
+    tensors = load_file(folder / "versions" / f"{head(folder)}.safetensors")
+    held = {p.stem for p in (folder / "blocks").glob("*")} - _pool_blocks(folder, tensors)
+    assert held, "the test needs a block the pool no longer holds"
+    victim = sorted(held)[0]
+    (folder / "blocks" / f"{victim}.safetensors").unlink()
+    code, out, err = cli("ask", "--json", "--max-tokens", "2", "What is the tool shed code?")
+    assert code == 0 and victim in [d["block"] for d in json.loads(out)["damaged"]], (out, err)
+    assert cli("repair")[0] == 0 and verify_ok()  # its document is on disk: rebuilt
+
+
+def _pool_blocks(folder: Path, tensors) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "versions" / f"{head(folder)}.safetensors", framework="pt") as f:
+        blocks = json.loads(f.metadata()["memllm"])["blocks"]
+    return {blocks[i] for i in tensors["block"].unique().tolist()}

@@ -105,7 +105,17 @@ class FreeMemory(Memory):
                dtype: str | None = None, seed: int | None = None, block_format: str | None = None,
                write_scope: str | None = None) -> FreeMemory:
         engine = lm.engine
-        window = engine.pool_window - len(lm.prompt.sink_ids(lm.tokenizer)) - ANSWER_RESERVE
+        header = len(lm.prompt.sink_ids(lm.tokenizer))
+        window = engine.pool_window - header - ANSWER_RESERVE
+        if window < CHUNK_TOKENS:  # no pool size fits: say so in the model's terms
+            slides = " (every layer attends through a sliding window that long)" \
+                if engine.pool_window == engine.sliding_window else ""
+            raise ModelError(
+                f"{lm.name} sees {engine.pool_window} tokens at a time{slides}; a memory needs at least "
+                f"{CHUNK_TOKENS + header + ANSWER_RESERVE}: one chunk ({CHUNK_TOKENS} tokens), the prompt's "
+                f"{header}-token header, and {ANSWER_RESERVE} for the question and its answer",
+                hint="no setting makes it fit: use a model with a longer window (docs/models.md lists families)",
+            )
         pool_size = pool_size if pool_size is not None else min(DEFAULT_POOL_SIZE, window)
         if not CHUNK_TOKENS <= pool_size <= window:
             raise ModelError(

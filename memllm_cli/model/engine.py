@@ -167,11 +167,36 @@ class MemoryModel:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.check_error: float | None = None  # relative logit error the load-time check measured
+        self._measure_heads()
         if layout is not None and len(layout.rope) != self.layers:
             layout = None  # a record of another shape: measure again
         self.layout = layout or Layout(tuple(self._rope_kind(i) for i in range(self.layers)))
         if layout is None:
             self.layout = self.check()
+
+    def _measure_heads(self) -> None:
+        """Key/value heads and head size as the model's own attention writes them to its cache
+        (one token through the model): configs carry keys their model ignores (a GPT-NeoX
+        config with num_key_value_heads), so they are read from the config only as a first guess."""
+        try:
+            with torch.inference_mode():
+                cache = self._cache(None, room=1)
+                self._run(torch.zeros(1, dtype=torch.int64), cache, logits_to_keep=1, start=0)
+            shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in cache.layers}
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise ModelError(f"{self.config.model_type}: memllm cannot read this model's memory: {_first(err)}",
+                             hint="see docs/models.md for the families memllm reads exactly") from None
+        if len(shapes) != 1 or len(cache.layers) != self.layers:
+            raise ModelError(
+                f"{self.config.model_type}: its layers cache keys and values of different shapes "
+                f"({', '.join(sorted(str(s) for s in shapes))}): a pool needs one shape in every layer",
+                hint="see docs/models.md for the families memllm reads exactly")
+        (kv_heads, head_dim), (value_heads, value_dim) = next(iter(shapes))
+        if (kv_heads, head_dim) != (value_heads, value_dim):
+            raise ModelError(f"{self.config.model_type}: its keys ({kv_heads} heads of {head_dim}) and values "
+                             f"({value_heads} of {value_dim}) differ in shape: a pool holds both alike",
+                             hint="see docs/models.md for the families memllm reads exactly")
+        self.kv_heads, self.head_dim = kv_heads, head_dim
 
     @staticmethod
     def _positions(config, rotary) -> int:

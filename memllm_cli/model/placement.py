@@ -30,6 +30,13 @@ def estimate_bytes(files: list[Path], dtype: torch.dtype) -> int:
     return total
 
 
+def use_threads(count: int) -> int:
+    """Compute with `count` CPU threads from now on (cpus.threads decides how many)."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
     try:

@@ -36,6 +36,19 @@ COMMITS = ("ingest", "forget", "rollback", "repair")  # journal operations that 
 UNNAMED = ("<stdin>", "<purged>")  # documents no file on disk can stand for
 
 
+class Problems:
+    """What is wrong with each block (repo.block_problem), read once per repair: checking a
+    block hashes it, and a large memory has gigabytes of blocks."""
+
+    def __init__(self, repo) -> None:
+        self.repo, self.seen = repo, {}
+
+    def __call__(self, block: str) -> str | None:
+        if block not in self.seen:
+            self.seen[block] = self.repo.block_problem(block)
+        return self.seen[block]
+
+
 @dataclass
 class RepairReport:
     memory: str
@@ -50,6 +63,8 @@ class RepairReport:
     old_head: str | None = field(default=None, repr=False)  # what a damaged HEAD named
     rebuilt: bool = field(default=False, repr=False)  # whether the lost commits were made again
     lost_versions: list[str] = field(default_factory=list, repr=False)  # written off (log shows them)
+    problems: Problems | None = field(default=None, repr=False)  # each block checked once
+
 
     def to_dict(self) -> dict:
         return {"memory": self.memory, "problem": self.mended[0] if self.mended else None, "problems": self.mended,
@@ -65,6 +80,7 @@ def repair(session, target: str | None = None, *, dry_run: bool = False, drop_da
     blocks that cannot be rebuilt from every version (their documents lose those chunks)."""
     repo = session.repo
     report = RepairReport(session.memory_name, dry_run)
+    report.problems = Problems(repo)
     with repo.lock(session.settings.lock_timeout):
         problem = info_problem(repo)
         if problem:
@@ -199,7 +215,7 @@ def _rebuild_lost_commits(session, report: RepairReport, head: str) -> None:
     present = set(repo.versions())
     lost = [e for e in journal[at + 1:] if e.get("op") in COMMITS and e.get("version") != head and (
         e.get("version") not in present or repo.damaged_versions({e.get("version")}))]
-    orphans = _unreached(repo)
+    orphans = _unreached(repo, report.problems)
     if not lost and not orphans:
         return
     mem = session.load(head, model=False)
@@ -256,10 +272,12 @@ def _rebuild_lost_commits(session, report: RepairReport, head: str) -> None:
         report.rebuilt = True
 
 
-def _unreached(repo) -> dict[str, dict]:
+def _unreached(repo, problem: Problems) -> dict[str, dict]:
     """Intact blocks no readable version names, with their metadata."""
     out = {}
-    for block in repo.unreached():
+    for block in repo.unlisted():
+        if problem(block):
+            continue
         try:
             out[block] = repo.block_meta(block)
         except StoreError:
@@ -352,22 +370,22 @@ def origins(repo) -> dict[str, dict]:
 
 
 def _blocks(session, report: RepairReport, drop_damaged: bool) -> None:
-    repo = session.repo
+    repo, check = session.repo, report.problems
     named: dict[str, str] = {}  # damaged block -> problem
-    kinds = set()
+    kinds, listed, pruned = set(), set(), repo.pruned_blocks()
     for version in repo.versions():
         try:
             meta = repo.version_meta(version)
         except StoreError:
             continue
         kinds.add(memory.for_version(meta))
+        listed.update(meta.get("blocks", []))
         for block in meta.get("blocks", []):
-            if block.startswith("@") or block in named or block in repo.pruned_blocks():
+            if block.startswith("@") or block in named or block in pruned:
                 continue
-            problem = repo.block_problem(block)
-            if problem:
+            if problem := check(block):
                 named[block] = problem
-    unnamed = [b for b in repo.blocks() if b not in named and repo.block_problem(b) and not _named_anywhere(repo, b)]
+    unnamed = [b for b in repo.blocks() if b not in listed and check(b)]
     if unnamed:  # damaged files no version needs: nothing to rebuild them for
         report.mended.append(f"damaged blocks no version names: {', '.join(b[:12] for b in unnamed)}")
         report.set_aside += repo.set_aside_objects(blocks=unnamed, dry_run=report.dry_run)
@@ -406,16 +424,6 @@ def _blocks(session, report: RepairReport, drop_damaged: bool) -> None:
         report.remaining.append({"problem": described, "fix": "; or ".join(fix)})
     if gone and not report.dry_run:
         session._purge(set(), blocks=set(gone))
-
-
-def _named_anywhere(repo, block: str) -> bool:
-    for version in repo.versions():
-        try:
-            if block in repo.version_meta(version).get("blocks", []):
-                return True
-        except StoreError:
-            continue
-    return False
 
 
 def _rebuild_block(repo, block: str, origin: dict, tokenizer, dry_run: bool) -> str | None:

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-from .. import __version__, memory
+from .. import __version__, cpus, memory
 from ..clock import now
 from ..config import Settings, load_settings
 from ..errors import InputError, MemoryNotFound, ModelError, StoreError, UsageError
 from ..memory import Memory, Sampling
 from ..memory.base import CHUNK_TOKENS
+from ..model import placement
 from ..model.loading import EMBEDDED, LoadedModel, load_model
 from ..progress import NoProgress, Progress
 from ..store import FORMAT, Store
@@ -31,6 +32,7 @@ from . import space
 log = logging.getLogger("memllm")
 
 CHECKPOINT_SECONDS = 60.0  # a long ingest commits this often, at chunk boundaries
+THREADS_SECONDS = 10.0  # a long ingest looks again this often at how many CPUs are free (cpus.py)
 READ_BUDGET = 512  # tokens ask reads by default (docs/design.md, "Reading within a budget")
 MAX_SEED = (1 << 64) - 1  # torch generators take seeds below 2**64
 
@@ -159,6 +161,7 @@ class Session:
         self._model: LoadedModel | None = None
         self._models = None  # a shared model cache (hub.Models), when serving
         self._repo = None
+        self._threads_at = -1e9  # when the threads were last sized
 
     @property
     def memory_name(self) -> str:
@@ -201,6 +204,15 @@ class Session:
                 hint=f"use --model {info['model']['name']}, or another --memory",
             )
         return self._model
+
+    def size_threads(self) -> None:
+        """Compute with the CPUs that are free now (or the configured `threads`): called as
+        work starts (at most once a second: looking costs a few milliseconds, which a warm
+        server's answers would feel), and now and then during a long ingest."""
+        if time.perf_counter() - self._threads_at < 1.0:
+            return
+        self._threads_at = time.perf_counter()
+        placement.use_threads(cpus.threads(self.settings.threads))
 
     def kind(self) -> type[Memory]:
         """The kind of memory this session's model writes."""
@@ -328,6 +340,7 @@ class Session:
             started = time.perf_counter()  # the time spent waiting for another writer is not ingest time
             info = self._open(locked=True) if self.repo.exists() else None
             lm = self.model(info)
+            self.size_threads()
             mem = self.load() if info else None
             if mem is not None:
                 self.check_head(mem)
@@ -440,6 +453,8 @@ class Session:
             report.tokens += update["tokens"]
             report.dropped += update["dropped"]
             progress.advance(update["tokens"], doc.name)
+            if time.perf_counter() - self._threads_at > THREADS_SECONDS:
+                self.size_threads()
             if time.perf_counter() - last_commit > CHECKPOINT_SECONDS and not stop.requested:
                 self._commit(mem, "ingest", _ingest_message(mem, report) + " (checkpoint)")
                 self.fit_disk()
@@ -466,6 +481,7 @@ class Session:
         chosen = sampling(max_new_tokens, temperature, top_p, top_k, seed)
         budget = self.budget(budget)
         self.model(self._open())  # checks that this model wrote the memory
+        self.size_threads()
         mem = self.load()
         if mem is None or len(mem) == 0:
             raise MemoryNotFound(f"memory {self.memory_name!r} is empty",

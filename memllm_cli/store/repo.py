@@ -798,17 +798,21 @@ class Repo:
         folder = self.folder / "refs" / "tags"
         return sorted(t for t in os.listdir(folder) if not t.startswith(".")) if folder.is_dir() else []
 
-    def unreached(self) -> list[str]:
-        """Intact blocks (stored or evicted) that no readable version names: a lost version's,
-        or an interrupted commit's. Not damage; gc keeps them unless told otherwise."""
+    def listed_blocks(self) -> set[str]:
+        """The blocks some readable version names."""
         listed: set[str] = set()
         for version in self.versions():
             try:
                 listed.update(self.version_meta(version).get("blocks", []))
             except StoreError:
                 continue
-        return sorted(b for b in set(self.blocks()) | set(self.evicted())
-                      if b not in listed and not self.block_problem(b))
+        return listed
+
+    def unlisted(self) -> list[str]:
+        """Blocks on disk (stored or evicted) that no readable version names: a lost version's,
+        or an interrupted commit's (verify's `unreached` are those of them that are intact)."""
+        listed = self.listed_blocks()
+        return sorted(b for b in set(self.blocks()) | set(self.evicted()) if b not in listed)
 
     def damaged_tags(self) -> list[str]:
         """Snapshot names whose ref file does not name a version."""
