@@ -12,8 +12,10 @@ import torch
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMLLM_HOME", str(tmp_path / "home"))
-    (tmp_path / "no-config.toml").write_text("")  # an empty config file: the defaults
-    monkeypatch.setenv("MEMLLM_CONFIG", str(tmp_path / "no-config.toml"))
+    config = tmp_path / ".memllm-test" / "config.toml"  # hidden: tests ingest tmp_path's folders
+    config.parent.mkdir()
+    config.write_text("")  # an empty config file: the defaults
+    monkeypatch.setenv("MEMLLM_CONFIG", str(config))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MEMLLM_MODEL", raising=False)
     monkeypatch.delenv("MEMLLM_MEMORY", raising=False)

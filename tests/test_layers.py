@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "memllm_cli"
-LEAVES = {"__init__", "__version__", "errors", "config", "progress", "clock"}
+LEAVES = {"__init__", "__version__", "errors", "config", "progress", "clock", "cpus"}
 SCAFFOLDING = {"random_checkpoints", "__main__"}
 
 # layer -> the layers it may import (itself included)
