@@ -102,51 +102,45 @@ def test_a_memory_written_by_another_model(tmp_path, env_model, other_tiny_dir):
     assert out.returncode == 5 and b"was written by model" in out.stderr and b"hint: use --model" in out.stderr
 
 
-def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_model):
+def _signal_mid_ingest(tmp_path, signum: int, after: float) -> tuple[int, bytes]:
+    """A long ingest in a subprocess, sent `signum` `after` seconds past taking the memory's lock
+    (delivered as at a terminal, even where this test runs with it ignored: a background job)."""
     import signal
     import time
+
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))  # far more than a few s of work
+    proc = subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not _locked(lock):
+        time.sleep(0.1)
+    time.sleep(after)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_mid_ingest_exits_130_and_keeps_the_last_commit(tmp_path, env_model):
+    import signal
 
     (tmp_path / "first.txt").write_text(PARAGRAPH)
     assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
     before = json.loads(memllm("status", "--json").stdout)
-    big = tmp_path / "big.txt"
-    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))  # far more than 1 s of work
-    proc = subprocess.Popen(  # SIGINT as at a terminal, even where this test runs with it ignored (a background job)
-        [sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if _locked(lock):
-            break
-        time.sleep(0.1)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = _signal_mid_ingest(tmp_path, signal.SIGINT, 1.0)
+    assert code == 130, err
     assert b"interrupted" in err and b"Traceback" not in err
     assert json.loads(memllm("status", "--json").stdout) == before
 
 
 def test_sighup_stops_an_ingest_like_sigterm(tmp_path, env_model):
     import signal
-    import time
 
     (tmp_path / "first.txt").write_text(PARAGRAPH)
     assert memllm("ingest", str(tmp_path / "first.txt")).returncode == 0
-    big = tmp_path / "big.txt"
-    big.write_text("".join(f"Paragraph {i}. " + PARAGRAPH for i in range(20000)))
-    proc = subprocess.Popen([sys.executable, "-m", "memllm_cli", "ingest", str(big)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
-    lock = Path(os.environ["MEMLLM_HOME"]) / "memories" / "default" / "lock"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not _locked(lock):
-        time.sleep(0.1)
-    time.sleep(3.0)
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGHUP, err
+    code, err = _signal_mid_ingest(tmp_path, signal.SIGHUP, 3.0)
+    assert code == 128 + signal.SIGHUP, err
     assert b"SIGHUP" in err and b"Traceback" not in err
     assert memllm("verify").returncode == 0
 

@@ -186,11 +186,16 @@ def test_sigterm_during_an_ingest_commits_at_a_chunk_boundary(server):
     assert {s["name"] for s in service.status()["sources"]} >= {"a.txt"}
 
 
-def test_an_api_key_guards_tcp_but_not_the_socket(tmp_path, tiny_dir):
+def keyed(tmp_path, tiny_dir) -> tuple[Path, Server]:
+    """A server whose TCP clients must send the key "s3cret" (from a file of mode 600)."""
     key = tmp_path / "key"
     key.write_text("s3cret\n")
     key.chmod(0o600)
-    guarded = Server(tmp_path / "home", tiny_dir, tmp_path / "k.sock", "--api-key-file", str(key))
+    return key, Server(tmp_path / "home", tiny_dir, tmp_path / "k.sock", "--api-key-file", str(key))
+
+
+def test_an_api_key_guards_tcp_but_not_the_socket(tmp_path, tiny_dir):
+    key, guarded = keyed(tmp_path, tiny_dir)
     try:
         assert guarded.tcp.get("/v1/models").status_code == 401
         wrong = guarded.tcp.get("/v1/models", headers={"Authorization": "Bearer nope"})
@@ -427,10 +432,7 @@ def test_a_bare_port_listens_on_loopback_and_folders_given_keep_their_mode(tmp_p
 
 
 def test_the_bearer_scheme_is_case_insensitive(tmp_path, tiny_dir):
-    key = tmp_path / "key"
-    key.write_text("s3cret\n")
-    key.chmod(0o600)
-    guarded = Server(tmp_path / "home", tiny_dir, tmp_path / "k.sock", "--api-key-file", str(key))
+    _, guarded = keyed(tmp_path, tiny_dir)
     try:
         for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
             assert guarded.tcp.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
