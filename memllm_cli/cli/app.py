@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..errors import MemllmError
+from ..errors import MemllmError, UsageError
 from .render import err
 
 app = typer.Typer(
@@ -230,9 +230,12 @@ def hoist_global_options(argv: list[str]) -> list[str]:
         if token == "--":
             rest += argv[i:]
             break
+        hoisted = name in GLOBAL_OPTIONS and name not in own
+        if hoisted and GLOBAL_OPTIONS[name] and "=" not in token and i + 1 == len(argv):
+            raise UsageError(f"option {name} needs a value")
         width = 2 if "=" not in token and i + 1 < len(argv) and (
-            name in valued or (name in GLOBAL_OPTIONS and GLOBAL_OPTIONS[name] and name not in own)) else 1
-        (moved if name in GLOBAL_OPTIONS and name not in own else rest).extend(argv[i:i + width])
+            name in valued or (hoisted and GLOBAL_OPTIONS[name])) else 1
+        (moved if hoisted else rest).extend(argv[i:i + width])
         i += width
     return argv[:start] + moved + argv[start:end] + rest
 
