@@ -330,3 +330,17 @@ def test_mplus_cites_the_documents_its_retriever_chose(mplus_dir):
     assert chosen > 0 and sum(c["rows"] for c in cited) == chosen
     assert {c["source"] for c in cited} <= {f"d{i}" for i in range(10)}
     assert all(c["excerpt"] for c in cited)
+
+
+def test_max_model_ram_counts_a_trained_checkpoints_weights(main_dir, tiny_dir):
+    """hub.weight_bytes was 0 for trained checkpoints: --max-model-ram never unloaded them."""
+    from memllm_cli.config import load_settings
+    from memllm_cli.service.hub import Models, weight_bytes
+
+    trained = Models(load_settings()).get(str(main_dir))
+    expected = sum(t.numel() * t.element_size() for t in OfficialMemoryLLM.load(main_dir).w.values())
+    assert weight_bytes(trained) > expected > 0  # its weights, and its own pool besides
+    models = Models(load_settings(), max_bytes=weight_bytes(trained))
+    models.get(str(main_dir))
+    models.get(str(tiny_dir))  # past the bound: the least recently used goes
+    assert models.names() == [str(tiny_dir)]

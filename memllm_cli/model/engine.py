@@ -198,6 +198,10 @@ class MemoryModel:
                              hint="see docs/models.md for the families memllm reads exactly")
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
+    def weight_bytes(self) -> int:
+        """RAM (or GPU memory) the model's parameters and buffers take."""
+        return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+
     @staticmethod
     def _positions(config, rotary) -> int:
         """The positions a context may use: the model's window, or, for RoPE variants whose

@@ -132,6 +132,12 @@ class OfficialMemoryLLM:
         inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
         self.inv_freq = {d: inv_freq.to(d) for d in set(self.layer_devices)}
 
+    def weight_bytes(self) -> int:
+        """RAM (or GPU memory) the checkpoint's tensors take: its weights and its own pool."""
+        tensors = [*self.w.values(), *self.checkpoint_rows, *(self.bos or [])]
+        tensors += [t for name in ("checkpoint_ltm", "checkpoint_ltm_keys") for t in getattr(self, name, [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def _device_of(self, name: str) -> torch.device:
         for part, device in self.devices.items():
             if name == part or name.startswith(part + "."):

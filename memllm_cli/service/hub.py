@@ -19,11 +19,9 @@ from . import Memllm
 
 
 def weight_bytes(lm: LoadedModel) -> int:
-    """RAM the model's weights take (parameters and buffers)."""
-    module = getattr(lm.engine, "model", None)
-    if module is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    """RAM the model's weights take, as its engine counts them (both engines do: a trained
+    checkpoint counted 0, and --max-model-ram never unloaded the 7B/8B models it exists for)."""
+    return lm.engine.weight_bytes()
 
 
 class Models:

@@ -51,12 +51,12 @@ def pool_file_to_blocks(repo: Repo) -> None:
              "stats": {"tokens": len(source), "added": 0, "dropped": 0}},
         )
         repo.set_head(version)
-    repo.set_format({**info, "format": 2})
+    repo.set_format(info, 2)
     repo.remove_legacy_pool()
 
 
 def block_formats(repo: Repo) -> None:
-    repo.set_format({**repo.info(), "format": 3})
+    repo.set_format(repo.info(), 3)
 
 
 MIGRATIONS = [(1, "0001-pool-file-to-blocks", pool_file_to_blocks), (2, "0002-block-formats", block_formats)]

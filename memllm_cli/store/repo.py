@@ -154,8 +154,12 @@ class Repo:
             raise StoreError(f"memory {self.name!r} is damaged: memory.json is missing, though it has versions",
                              hint="memllm repair restores it")
 
-    def set_format(self, info: dict) -> None:
-        _atomic_write(self.folder / INFO, json.dumps({**info, "format": FORMAT}, indent=2).encode())
+    def set_format(self, info: dict, number: int) -> None:
+        """memory.json with the format a migration has brought the memory to (not always FORMAT:
+        each migration moves one step, and the next one runs only if it says so)."""
+        if not isinstance(number, int) or not 1 <= number <= FORMAT:
+            raise ValueError(f"a memory's format is 1..{FORMAT}, not {number!r}")
+        _atomic_write(self.folder / INFO, json.dumps({**info, "format": number}, indent=2).encode())
 
     @contextlib.contextmanager
     def lock(self, timeout: float, *, create: bool = False) -> Iterator[None]:
