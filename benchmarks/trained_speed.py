@@ -84,10 +84,7 @@ def main() -> None:
     model.update(model.inject(chunk), torch.Generator().manual_seed(1))  # warm-up (and first write)
     plain, ingest, first, decode = [], [], [], []
     for r in range(args.repeat):
-        state = model.state()
-        model.initialized = False  # a plain forward: the same decoder, no memory rows
-        plain.append(timed(lambda: model.forward(chunk), args.device))
-        model.set_state(state)
+        plain.append(timed(lambda: model.forward(chunk, memory=False), args.device))  # the decoder, no memory rows
         chunks = [ids(args.chunk_tokens) for _ in range(args.chunks)]
 
         def write(chunks=chunks, r=r):

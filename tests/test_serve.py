@@ -467,3 +467,34 @@ def test_log_limits_and_chunked_json_bodies_over_the_limit(server):
     for path in ("/v1/chat/completions", "/api/memories/notes/ask", "/api/memories/notes/ingest"):
         big = server.uds.post(path, content=chunks(), headers={"content-type": "application/json"})
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", (path, big.text)
+
+
+def test_two_memories_of_one_trained_checkpoint_answered_at_once_equal_answered_alone(tmp_path):
+    """The official engine is a function of its state: two memories of one loaded checkpoint,
+    read in threads of one server, never read each other's rows (issue 26)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memllm_cli.random_checkpoints import save_trained
+
+    checkpoint = save_trained(tmp_path / "memoryllm", chat=True)
+    served = Server(tmp_path / "home", checkpoint, tmp_path / "t.sock")
+    try:
+        texts = {"a": "The tool shed code is 4172. The key hangs inside the shed door. " * 6,
+                 "b": "The garden coordinator is Maria Okafor. Volunteers meet on Tuesdays. " * 6}
+        for name, text in texts.items():
+            assert ingest(served.uds, memory=name, **{f"{name}.txt": text}).status_code == 200
+
+        def ask(name: str) -> str:
+            got = served.uds.post(f"/api/memories/{name}/ask", json={"question": "What is written here?",
+                                                                      "max_tokens": 12})
+            assert got.status_code == 200, got.text
+            return got.json()["answer"]
+
+        alone = {name: ask(name) for name in texts}
+        assert alone["a"] != alone["b"]  # the two memories answer differently: a mix-up would show
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            names = ["a", "b"] * 8
+            together = list(pool.map(ask, names))
+        assert together == [alone[n] for n in names]
+    finally:
+        served.stop()

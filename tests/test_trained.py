@@ -189,9 +189,8 @@ def test_forgetting_everything_from_a_blank_checkpoint_is_the_fresh_checkpoint(b
     memory = service.load(states=True)
     assert not memory.state["initialized"]
     lm = service.model()
-    lm.engine.set_state(memory.state)
     question = torch.tensor(lm.prompt.question_ids(lm.tokenizer, "Who?"))
-    assert torch.equal(lm.engine.forward(question), fresh.forward(question))
+    assert torch.equal(lm.engine.forward(question, state=memory.state), fresh.forward(question))
 
 
 def test_prompts_follow_the_official_readme(main_dir, mplus_dir):
@@ -319,12 +318,15 @@ def test_mplus_cites_the_documents_its_retriever_chose(mplus_dir):
     service.ingest_documents([doc(f"d{i}", t) for i, t in enumerate(TEXTS * 2)])
     answer = service.ask("What is the tool shed code?", max_new_tokens=2)
     "".join(answer)
-    engine = service.model().engine
-    memory = service.load()
+    lm = service.model()
+    memory = service.load(states=True)
+    retrieved: list = [None] * memory.layers  # what the retriever chooses for this question, read again
+    lm.engine.forward(torch.tensor(lm.prompt.question_ids(lm.tokenizer, "What is the tool shed code?")),
+                      state=memory.state, retrieved=retrieved)
     table = torch.tensor(memory.meta["block_sources"])
     chosen = 0
-    for i, picked in enumerate(engine.retrieved):
-        block, _ = split_ids(torch.cat([engine.ltm_ids[i], engine.cached_ids[i]])[picked])
+    for i, picked in enumerate(retrieved):
+        block, _ = split_ids(torch.cat([memory.state["ltm_ids"][i], memory.state["cached_ids"][i]])[picked])
         chosen += int((table[block] >= 0).sum())
     cited = answer.info["sources"]
     assert chosen > 0 and sum(c["rows"] for c in cited) == chosen

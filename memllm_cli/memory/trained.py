@@ -116,16 +116,16 @@ class TrainedMemory(Memory):
 
     def write(self, ids: list[int], *, source: int, chunk: int, span: tuple[int, int] = (0, 0)) -> dict:
         """One update: inject the chunk, drop rows with the recorded seed, append its rows."""
-        self.ensure_state()
         engine = self.engine
         seed = self.next_seed()
-        engine.set_state(self.state)
-        before = len(self.state["rows"][0])
-        delta = engine.inject(torch.tensor(ids, dtype=torch.int64))  # L x (n, d)
+        state = engine.copy(self.ensure_state())  # the engine writes into it; this memory's alone
+        before = len(state["rows"][0])
+        delta = engine.inject(torch.tensor(ids, dtype=torch.int64), state)  # L x (n, d)
         n = len(delta[0])
-        was_initialized = engine.initialized
-        engine.update(delta, torch.Generator().manual_seed(seed), row_ids(-1 - len(self.pending), torch.arange(n)))
-        self.state = engine.state()
+        was_initialized = state["initialized"]
+        engine.update(delta, torch.Generator().manual_seed(seed), row_ids(-1 - len(self.pending), torch.arange(n)),
+                      state)
+        self.state = state
         dropped = before + n - len(self.state["rows"][0]) if was_initialized else before
         if self.keep_blocks:
             tensors = {"rows": torch.stack([d.cpu() for d in delta], dim=1),  # (n, L, d)
@@ -134,7 +134,7 @@ class TrainedMemory(Memory):
                 tensors["keys"] = torch.stack([k[-n:].cpu() for k in self.state["row_keys"]], dim=1)  # (n, L, s)
             self.pending.append((tensors, {**self.block_meta(source, chunk, span, len(ids)), "rows": n}))
         self.sources[source]["rows"] = self.sources[source].get("rows", 0) + n
-        self.meta["initialized"] = engine.initialized
+        self.meta["initialized"] = state["initialized"]
         self.meta["update_step"] = self.state.get("update_step", 0)
         if not self.keep_blocks:  # never stored: the pending block is only a name for the rows
             self._number_blocks([(source, chunk)], ["<unsaved>"])
@@ -170,9 +170,9 @@ class TrainedMemory(Memory):
             self.meta["initialized"] = False
         if self.state is not None and self.engine is not None:
             blocks = torch.tensor(gone, dtype=torch.int64)
-            self.engine.set_state(self.state)
-            self.engine.forget(lambda ids: torch.isin(split_ids(ids)[0], blocks))
-            self.state = self.engine.state()
+            state = self.engine.copy(self.state)
+            self.engine.forget(lambda ids: torch.isin(split_ids(ids)[0], blocks), state)
+            self.state = state
         for s in sources:
             self.sources[s]["forgotten"] = True
         self.dropped += held
@@ -190,7 +190,7 @@ class TrainedMemory(Memory):
         """The official generation over the whole pool (no budget: the checkpoint reads its
         pool itself); for M+, the documents its retriever chose are cited."""
         lm = self.lm
-        lm.engine.set_state(self.ensure_state())
+        self.ensure_state()
         ids = torch.tensor(lm.prompt.question_ids(lm.tokenizer, question))
         reading = Reading(iter(()), {})
         reading.tokens = self._stream(ids, sampling, reading)
@@ -199,22 +199,26 @@ class TrainedMemory(Memory):
     def _stream(self, ids: torch.Tensor, sampling: Sampling, reading: Reading) -> Iterator[int]:
         """For M+, once its retriever has chosen (at the prompt's forward pass), the documents
         the chosen long-term rows came from go into the reading's info."""
-        lm = self.lm
+        lm, state = self.lm, self.state
         options = {k: v for k, v in vars(sampling).items() if k != "max_new_tokens"}
-        stream = lm.engine.stream(ids, sampling.max_new_tokens, stop_ids=lm.stop_ids(), **options)
+        retrieved: list = [None] * self.layers  # what M+'s retriever chose, for this answer alone
+        stream = lm.engine.stream(ids, sampling.max_new_tokens, stop_ids=lm.stop_ids(), state=state,
+                                  retrieved=retrieved, **options)
         cited = not self.mplus
         for token, _ in stream:
             if not cited:
-                reading.info["sources"], cited = self._retrieved(), True
+                reading.info["sources"], cited = self._retrieved(state, retrieved), True
             yield token
         if not cited:
-            reading.info["sources"] = self._retrieved()
+            reading.info["sources"] = self._retrieved(state, retrieved)
 
-    def _retrieved(self) -> list[dict]:
+    def _retrieved(self, state: dict, retrieved: list) -> list[dict]:
         """M+: documents by the share of long-term rows its retriever placed before the pool."""
-        engine, counts = self.engine, {}
-        for i, chosen in enumerate(engine.retrieved):
-            block, _ = split_ids(torch.cat([engine.ltm_ids[i], engine.cached_ids[i]])[chosen])
+        counts: dict[int, int] = {}
+        for i, chosen in enumerate(retrieved):
+            if chosen is None:
+                continue
+            block, _ = split_ids(torch.cat([state["ltm_ids"][i], state["cached_ids"][i]])[chosen])
             for b in block.tolist():
                 counts[b] = counts.get(b, 0) + 1
         total = sum(counts.values()) or 1
@@ -323,8 +327,7 @@ class TrainedMemory(Memory):
 
     def nll(self, ids: list[int]) -> tuple[float, int]:
         x = torch.tensor(ids)
-        self.engine.set_state(self.ensure_state())
-        logits = self.engine.forward(x)
+        logits = self.engine.forward(x, state=self.ensure_state())
         return float(F.cross_entropy(logits[:-1].float().cpu(), x[1:], reduction="sum")), len(ids) - 1
 
     def layer_stats(self) -> list[dict]:
@@ -338,11 +341,7 @@ class TrainedMemory(Memory):
     @classmethod
     def plain_forward(cls, lm: LoadedModel, ids: list[int]) -> None:
         """The checkpoint without its memory."""
-        engine = lm.engine
-        state = engine.state()
-        engine.initialized = False
-        engine.forward(torch.tensor(ids))
-        engine.set_state(state)
+        lm.engine.forward(torch.tensor(ids), memory=False)
 
     @classmethod
     def window(cls, lm: LoadedModel) -> int:

@@ -107,8 +107,15 @@ def tile_index(n: int, size: int) -> torch.Tensor:
 class OfficialMemoryLLM:
     """A MemoryLLM checkpoint: forward, generation, injection and the memory update.
 
-    The pool is kept per layer (a list of (N, d) tensors), so that layers may live on
-    different devices; `row_ids` follow every row (see `row_ids`), on the CPU."""
+    The engine is a function of its state, as nanoGPT's model is of its input: the memory a
+    computation reads (`rows`, per layer a (N, d) tensor, so layers may live on different
+    devices; `row_ids`, following every row on the CPU; `initialized`; M+'s tiers) is a dict
+    passed as `state`, and `update`/`forget` write the new memory into the dict they are
+    given (tensors are replaced, never written in place). Nothing a request reads is held on
+    the engine, so two memories of one loaded checkpoint, read in two threads, never see each
+    other's rows. Without a `state`, the engine's own (`own`: the checkpoint as loaded, then
+    whatever was written into it) is used, as the official code keeps its memory.
+    """
 
     STATE = ("rows", "row_ids", "initialized")
 
@@ -122,9 +129,7 @@ class OfficialMemoryLLM:
         memory = self.w.pop("memory")  # (L, N, d)
         self.checkpoint_rows = [memory[i].to(self.layer_devices[i]) for i in layers]  # L x (N, d)
         self.checkpoint_initialized = bool(int(tensors.get("initialized", torch.tensor(1))))
-        self.rows = list(self.checkpoint_rows)
-        self.row_ids = [row_ids(CHECKPOINT, torch.arange(len(self.rows[0]))) for _ in layers]
-        self.initialized = self.checkpoint_initialized
+        self.own = OfficialMemoryLLM.initial_state(self)
         bos = self.w.get("bos_embedding")  # (L, 1, d) or None
         self.bos = [bos[i].to(self.layer_devices[i]) for i in layers] if bos is not None else None
         self.new_memory_emb = self.w["new_memory_positional_emb"][0]  # (1, d)
@@ -195,19 +200,26 @@ class OfficialMemoryLLM:
 
     # -- state -------------------------------------------------------------------------
 
+    def __getattr__(self, name: str):
+        """The engine's own state by name (`engine.rows`, `engine.ltm`), as the official code
+        keeps its memory: for the conformance checks and the standalone engine."""
+        own = self.__dict__.get("own", {})
+        if (name in type(self).STATE or name == "retrieved") and name in own:
+            return own[name]
+        raise AttributeError(name)
+
+    def _state(self, state: dict | None) -> dict:
+        return self.own if state is None else state
+
     @property
     def memory(self) -> torch.Tensor:
-        """The pool as one (L, N, d) tensor on the CPU."""
-        return torch.stack([r.cpu() for r in self.rows])
+        """The engine's own pool as one (L, N, d) tensor on the CPU."""
+        return torch.stack([r.cpu() for r in self.own["rows"]])
 
-    def state(self) -> dict:
-        """The mutable memory state (shallow: tensors are replaced, never written in place)."""
-        return {k: list(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in self.STATE)}
-
-    def set_state(self, state: dict) -> None:
-        for k in self.STATE:
-            v = state[k]
-            setattr(self, k, list(v) if isinstance(v, list) else v)
+    @staticmethod
+    def copy(state: dict) -> dict:
+        """A state that `update` and `forget` may write into without changing `state`."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
 
     def initial_state(self) -> dict:
         """The state of the freshly loaded checkpoint."""
@@ -217,25 +229,26 @@ class OfficialMemoryLLM:
             "initialized": self.checkpoint_initialized,
         }
 
-    def forget(self, gone) -> int:
+    def forget(self, gone, state: dict | None = None) -> int:
         """Replace the pool rows whose ids `gone(ids) -> bool mask` selects by the checkpoint's
         rows at the same positions; returns how many rows (over all layers) were replaced.
         When every row is the checkpoint's again, the memory is as freshly loaded."""
+        state = self._state(state)
         count = 0
         for i in range(self.c.layers):
-            mask = gone(self.row_ids[i])
+            mask = gone(state["row_ids"][i])
             if mask.any():
                 where = torch.nonzero(mask).flatten()
-                rows = self.rows[i].clone()
+                rows = state["rows"][i].clone()
                 rows[where.to(rows.device)] = self.checkpoint_rows[i][where.to(rows.device)]
-                ids = self.row_ids[i].clone()
+                ids = state["row_ids"][i].clone()
                 ids[where] = row_ids(CHECKPOINT, where)
-                self.rows[i], self.row_ids[i] = rows, ids
+                state["rows"][i], state["row_ids"][i] = rows, ids
                 count += len(where)
         if not self.checkpoint_initialized and all(
-            bool((split_ids(ids)[0] == CHECKPOINT).all()) for ids in self.row_ids
+            bool((split_ids(ids)[0] == CHECKPOINT).all()) for ids in state["row_ids"]
         ):
-            self.initialized = False
+            state["initialized"] = False
         return count
 
     # -- building blocks ---------------------------------------------------------------
@@ -317,9 +330,9 @@ class OfficialMemoryLLM:
         norm = self.w["model.norm.weight"]
         return self._norm(h.to(norm.device), norm) @ self.w["lm_head.weight"].T  # (T, V)
 
-    def _read_rows(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _read_rows(self, i: int, h: torch.Tensor, state: dict, retrieved: list | None) -> torch.Tensor:
         """The memory rows layer i reads in front of the input h (T, d): its whole pool."""
-        return self.rows[i]  # (N, d)
+        return state["rows"][i]  # (N, d)
 
     def _prefix(self, i: int, rows: torch.Tensor) -> torch.Tensor:
         """[bos[i] | rows] if the checkpoint has bos embeddings."""
@@ -328,9 +341,13 @@ class OfficialMemoryLLM:
     # -- reading -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: list | None = None, start: int = 0) -> torch.Tensor:
-        """Logits (T, V) for ids (T,). With a cache, `start` is the position of ids[0] and the
-        memory is already in the cache (decode steps); without, every layer prepends its memory."""
+    def forward(self, ids: torch.Tensor, cache: list | None = None, start: int = 0, *, state: dict | None = None,
+                retrieved: list | None = None, memory: bool = True) -> torch.Tensor:
+        """Logits (T, V) for ids (T,) after `state`'s memory. With a cache, `start` is the
+        position of ids[0] and the memory is already in the cache (decode steps); without,
+        every layer prepends its memory (none with `memory=False`: the plain checkpoint).
+        M+ puts the long-term rows each layer retrieved into `retrieved` (a list), if given."""
+        state = self._state(state)
         h = self._embed(ids)  # (T, d)
         adapter = self._adapter(False)
         for i in range(self.c.layers):
@@ -338,8 +355,8 @@ class OfficialMemoryLLM:
             if cache is not None and len(cache) > i:
                 positions = torch.arange(start, start + len(ids))
                 h = self._layer(i, h, 0, positions, adapter, cache)
-            elif self.initialized:
-                s = torch.cat([self._prefix(i, self._read_rows(i, h)), h])  # (P+T, d)
+            elif memory and state["initialized"]:
+                s = torch.cat([self._prefix(i, self._read_rows(i, h, state, retrieved)), h])  # (P+T, d)
                 prefix = s.shape[0] - h.shape[0]
                 h = self._layer(i, s, prefix, torch.arange(s.shape[0]), adapter, cache)  # (T, d)
             else:
@@ -349,12 +366,13 @@ class OfficialMemoryLLM:
     def stream(
         self, ids: torch.Tensor, max_new_tokens: int, *, stop_ids: frozenset[int] = frozenset(),
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+        state: dict | None = None, retrieved: list | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (token, the logits that chose it) one at a time, with a KV cache of
         bos + memory + tokens; greedy when temperature is 0; stops before a stop id."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         cache: list = []
-        logits = self.forward(ids, cache)[-1]  # (V,)
+        logits = self.forward(ids, cache, state=state, retrieved=retrieved)[-1]  # (V,)
         for n in range(max_new_tokens):
             token = pick(logits.float().cpu(), temperature, top_p, top_k, generator)
             if token in stop_ids:
@@ -364,16 +382,19 @@ class OfficialMemoryLLM:
                 return
             logits = self.forward(torch.tensor([token]), cache, start=cache[0][0].shape[1])[-1]
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, state: dict | None = None
+                 ) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and the logits that chose each (as the official generate)."""
-        steps = list(self.stream(ids, max_new_tokens))
+        steps = list(self.stream(ids, max_new_tokens, state=state))
         return [t for t, _ in steps], torch.stack([logits.cpu() for _, logits in steps])  # (n_new, V)
 
     # -- writing -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def inject(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """The new memory rows a context writes: L x (K', d); K' = K once initialized."""
+    def inject(self, ids: torch.Tensor, state: dict | None = None) -> list[torch.Tensor]:
+        """The new memory rows a context writes after `state`'s memory: L x (K', d); K' = K
+        once initialized."""
+        state = self._state(state)
         c = self.c
         h = self._embed(ids)  # (T, d)
         adapter = self._adapter(True)
@@ -381,8 +402,8 @@ class OfficialMemoryLLM:
         for i in range(c.layers):
             h = h.to(self.layer_devices[i])
             emb = self.new_memory_emb.to(h.device)  # (1, d)
-            if self.initialized:
-                tail = self.rows[i][-c.num_tokens:]  # (K, d): only the memory tail is read
+            if state["initialized"]:
+                tail = state["rows"][i][-c.num_tokens:]  # (K, d): only the memory tail is read
                 s = torch.cat([self._prefix(i, tail), h])  # (1+K+T, d)
                 s = torch.cat([s[: -c.num_tokens], s[-c.num_tokens:] + emb])  # the last K rows get the vector
                 prefix = (1 if c.add_bos else 0) + min(c.num_tokens, len(ids))
@@ -395,26 +416,28 @@ class OfficialMemoryLLM:
                 out = self._layer(i, s, 0, torch.arange(len(ids)), adapter)  # (T, d)
                 deltas.append(out[-n:])
                 h = out
-        if not self.initialized and c.variant == "main":
+        if not state["initialized"] and c.variant == "main":
             # Official quirk: the delta of layer l is a view into layer l's output, to which layer
             # l+1 adds the positional vector in place; so every layer but the last carries it.
             deltas = [d + self.new_memory_emb.to(d.device) if i < c.layers - 1 else d for i, d in enumerate(deltas)]
         return deltas
 
     def update(self, delta: list[torch.Tensor], generator: torch.Generator | None = None,
-               ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Write delta (L x (n, d)) into the memory; `ids` (n,) are the new rows' ids. Returns
-        the kept indices ((keep,) or (L, keep)), or None for the first write, which tiles
-        the delta over the whole pool."""
+               ids: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor | None:
+        """Write delta (L x (n, d)) into the memory `state` (its lists get new tensors: pass
+        `copy(state)` to keep the old one); `ids` (n,) are the new rows' ids. Returns the kept
+        indices ((keep,) or (L, keep)), or None for the first write, which tiles the delta
+        over the whole pool."""
+        state = self._state(state)
         c = self.c
         n = len(delta[0])
         ids = ids if ids is not None else torch.full((n,), -1, dtype=torch.int64)
-        size = len(self.rows[0])
-        if not self.initialized:
+        size = len(state["rows"][0])
+        if not state["initialized"]:
             index = tile_index(n, size)  # the official code concatenates copies: the same rows
-            self.rows = [d[index.to(d.device)] for d in delta]
-            self.row_ids = [ids[index] for _ in delta]
-            self.initialized = True
+            state["rows"] = [d[index.to(d.device)] for d in delta]
+            state["row_ids"] = [ids[index] for _ in delta]
+            state["initialized"] = True
             return None
         drop = int(size * (1 / c.num_blocks))  # float64, as the official code (K-1 for some B)
         if n != c.num_tokens:
@@ -427,8 +450,9 @@ class OfficialMemoryLLM:
         kept = torch.stack([kept_rows() for _ in range(c.layers)]) if c.per_layer_drop else kept_rows()
         for i in range(c.layers):
             rows = kept[i] if c.per_layer_drop else kept  # (keep,)
-            self.rows[i] = torch.cat([self.rows[i][rows.to(self.rows[i].device)], delta[i]])  # (keep+n, d)
-            self.row_ids[i] = torch.cat([self.row_ids[i][rows], ids])
+            pool = state["rows"][i]
+            state["rows"][i] = torch.cat([pool[rows.to(pool.device)], delta[i]])  # (keep+n, d)
+            state["row_ids"][i] = torch.cat([state["row_ids"][i][rows], ids])
         return kept
 
 
@@ -459,7 +483,7 @@ class MPlus(OfficialMemoryLLM):
         self.frequency = raw["update_ltm_frequency"]
         self.decay = raw["decay_frequency"]
         self.rf0 = raw["initial_rf_when_moving_stm_to_ltm"]
-        self.initialized = self.checkpoint_initialized = True  # M+ has no `initialized` buffer: always initialized
+        self.checkpoint_initialized = True  # M+ has no `initialized` buffer: always initialized
         layers = range(config.layers)
         dev = self.layer_devices
         self.checkpoint_ltm = [self.w.pop(f"ltm.{i}").to(dev[i]) for i in layers]  # (M, d) each
@@ -467,8 +491,9 @@ class MPlus(OfficialMemoryLLM):
         self.checkpoint_ltm_rf = [self.w.pop(f"ltm_recall_frequencies.{i}").to(dev[i]) for i in layers]  # (M,)
         self.checkpoint_ltm_ages = [self.w.pop(f"ltm_ages.{i}").to(torch.int64).cpu() for i in layers]  # (M,)
         self.checkpoint_keys = [self._keys(i, self.checkpoint_rows[i]) for i in layers]  # (N, s)
-        self.set_state(self.initial_state())
-        self.retrieved: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64) for _ in layers]
+        self.own = self.initial_state()
+        # what the last read of the engine's own state retrieved per layer (the conformance checks)
+        self.own["retrieved"] = [torch.empty(0, dtype=torch.int64) for _ in layers]
 
     def initial_state(self) -> dict:
         state = super().initial_state()
@@ -494,26 +519,27 @@ class MPlus(OfficialMemoryLLM):
             "update_step": 0,
         }
 
-    def forget(self, gone) -> int:
+    def forget(self, gone, state: dict | None = None) -> int:
         """As MemoryLLM's, and the long-term rows (and rows waiting to merge) that `gone`
         selects are removed."""
-        before = [ids.clone() for ids in self.row_ids]
-        count = super().forget(gone)
+        state = self._state(state)
+        before = [ids.clone() for ids in state["row_ids"]]
+        count = super().forget(gone, state)
         for i in range(self.c.layers):
-            replaced = before[i] != self.row_ids[i]
+            replaced = before[i] != state["row_ids"][i]
             if replaced.any():
-                keys = self.row_keys[i].clone()
+                keys = state["row_keys"][i].clone()
                 where = torch.nonzero(replaced).flatten().to(keys.device)
                 keys[where] = self.checkpoint_keys[i][where]
-                self.row_keys[i] = keys
+                state["row_keys"][i] = keys
             for prefix, parts in (("cached", ("cached", "cached_keys", "cached_ages")),
                                   ("ltm", ("ltm", "ltm_keys", "ltm_rf", "ltm_ages"))):
-                ids = getattr(self, f"{prefix}_ids")[i]
+                ids = state[f"{prefix}_ids"][i]
                 keep = ~gone(ids)
                 if not keep.all():
                     count += int((~keep).sum())
                     for part in (*parts, f"{prefix}_ids"):
-                        values = getattr(self, part)
+                        values = state[part]
                         values[i] = values[i][keep.to(values[i].device)]
         return count
 
@@ -526,13 +552,14 @@ class MPlus(OfficialMemoryLLM):
         x = self._norm(rows, self.w[f"model.layers.{i}.input_layernorm.weight"])
         return self._selector(x, f"model.layers.{i}.self_attn.key_proj")  # (n, s)
 
-    def _read_rows(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """[R retrieved LTM rows | short-term pool] for layer i, retrieved with h's queries."""
+    def _read_rows(self, i: int, h: torch.Tensor, state: dict, retrieved: list | None) -> torch.Tensor:
+        """[R retrieved LTM rows | short-term pool] for layer i, retrieved with h's queries;
+        the indices chosen go into `retrieved` (and, reading the engine's own state, into it)."""
         x = self._norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"])
         queries = self._selector(x, f"model.layers.{i}.self_attn.query_proj")  # (T, s)
-        keys = torch.cat([self.ltm_keys[i], self.cached_keys[i]])  # (M', s)
-        rows = torch.cat([self.ltm[i], self.cached[i]])  # (M', d)
-        ages = torch.cat([self.ltm_ages[i], self.cached_ages[i]])  # (M',)
+        keys = torch.cat([state["ltm_keys"][i], state["cached_keys"][i]])  # (M', s)
+        rows = torch.cat([state["ltm"][i], state["cached"][i]])  # (M', d)
+        ages = torch.cat([state["ltm_ages"][i], state["cached_ages"][i]])  # (M',)
         r = self.retrieve_count
         if len(keys) >= r:
             scores = torch.sigmoid(queries @ keys.T).mean(dim=0)  # (M',)
@@ -543,50 +570,53 @@ class MPlus(OfficialMemoryLLM):
         # insertion, which is stable, so ties keep the official order)
         order = np.argsort(ages[ids].numpy())[::-1].copy()
         ids = ids[torch.from_numpy(order)]
-        self.retrieved[i] = ids
-        return torch.cat([rows[ids.to(rows.device)], self.rows[i]])  # (R + Ns, d)
+        for out in (retrieved, state.get("retrieved")):  # (L,) lists of the indices chosen
+            if out is not None:
+                out[i] = ids
+        return torch.cat([rows[ids.to(rows.device)], state["rows"][i]])  # (R + Ns, d)
 
     def update(self, delta: list[torch.Tensor], generator: torch.Generator | None = None,
-               ids: torch.Tensor | None = None) -> dict:
+               ids: torch.Tensor | None = None, state: dict | None = None) -> dict:
         """Drop K short-term rows per layer into the cache, append delta; merge into the LTM
         every `update_ltm_frequency` updates. Returns kept, dropped and the raw permutations."""
+        s = self._state(state)
         k = self.c.num_tokens
-        n = len(self.rows[0])
+        n = len(s["rows"][0])
         ids = ids if ids is not None else torch.full((len(delta[0]),), -1, dtype=torch.int64)
         kept_all, dropped_all, perms = [], [], []
         for i in range(self.c.layers):
             perm = torch.randperm(n, generator=generator)  # (Ns,)
             kept, dropped = perm[: n - k].sort().values, perm[n - k:].sort().values
-            rows, keys = self.rows[i], self.row_keys[i]
+            rows, keys = s["rows"][i], s["row_keys"][i]
             on = rows.device
-            self.cached[i] = torch.cat([self.cached[i], rows[dropped.to(on)]])
-            self.cached_keys[i] = torch.cat([self.cached_keys[i], keys[dropped.to(on)]])
+            s["cached"][i] = torch.cat([s["cached"][i], rows[dropped.to(on)]])
+            s["cached_keys"][i] = torch.cat([s["cached_keys"][i], keys[dropped.to(on)]])
             # dropped rows keep their STM ages; everything already waiting ages by K
-            self.cached_ages[i] = torch.cat([self.cached_ages[i] + k, self.ages[i][dropped]])
-            self.cached_ids[i] = torch.cat([self.cached_ids[i], self.row_ids[i][dropped]])
-            self.rows[i] = torch.cat([rows[kept.to(on)], delta[i]])  # (Ns, d)
-            self.row_keys[i] = torch.cat([keys[kept.to(on)], self._keys(i, delta[i])])
-            self.row_ids[i] = torch.cat([self.row_ids[i][kept], ids])
-            self.ages[i] = torch.cat([self.ages[i][kept], torch.arange(k - 1, -1, -1)])
-            self.ltm_ages[i] = self.ltm_ages[i] + k
+            s["cached_ages"][i] = torch.cat([s["cached_ages"][i] + k, s["ages"][i][dropped]])
+            s["cached_ids"][i] = torch.cat([s["cached_ids"][i], s["row_ids"][i][dropped]])
+            s["rows"][i] = torch.cat([rows[kept.to(on)], delta[i]])  # (Ns, d)
+            s["row_keys"][i] = torch.cat([keys[kept.to(on)], self._keys(i, delta[i])])
+            s["row_ids"][i] = torch.cat([s["row_ids"][i][kept], ids])
+            s["ages"][i] = torch.cat([s["ages"][i][kept], torch.arange(k - 1, -1, -1)])
+            s["ltm_ages"][i] = s["ltm_ages"][i] + k
             kept_all.append(kept)
             dropped_all.append(dropped)
             perms.append(perm)
-        self.update_step += k
-        if self.update_step >= self.frequency * k:
-            self._merge()
+        s["update_step"] += k
+        if s["update_step"] >= self.frequency * k:
+            self._merge(s)
         return {"kept": torch.stack(kept_all), "dropped": torch.stack(dropped_all), "randperm": torch.stack(perms)}
 
-    def _merge(self) -> None:
+    def _merge(self, s: dict) -> None:
         """Move the cache into the LTM; decay recall frequencies and keep the rows still
         recalled, unless that would leave no more than R rows."""
         r = self.retrieve_count
         for i in range(self.c.layers):
-            rows = torch.cat([self.ltm[i], self.cached[i]])
-            keys = torch.cat([self.ltm_keys[i], self.cached_keys[i]])
-            ages = torch.cat([self.ltm_ages[i], self.cached_ages[i]])
-            ids = torch.cat([self.ltm_ids[i], self.cached_ids[i]])
-            rf = torch.cat([self.ltm_rf[i], torch.full((len(self.cached[i]),), float(self.rf0), dtype=rows.dtype,
+            rows = torch.cat([s["ltm"][i], s["cached"][i]])
+            keys = torch.cat([s["ltm_keys"][i], s["cached_keys"][i]])
+            ages = torch.cat([s["ltm_ages"][i], s["cached_ages"][i]])
+            ids = torch.cat([s["ltm_ids"][i], s["cached_ids"][i]])
+            rf = torch.cat([s["ltm_rf"][i], torch.full((len(s["cached"][i]),), float(self.rf0), dtype=rows.dtype,
                                                        device=rows.device)])
             rf = rf - self.decay
             alive = rf > 0.01
@@ -596,9 +626,7 @@ class MPlus(OfficialMemoryLLM):
                 ages, ids = ages[alive.cpu()], ids[alive.cpu()]
             else:
                 rf = rf + self.decay
-            self.ltm[i], self.ltm_keys[i], self.ltm_ages[i], self.ltm_rf[i], self.ltm_ids[i] = rows, keys, ages, rf, ids
-            self.cached[i] = self.cached[i][:0]
-            self.cached_keys[i] = self.cached_keys[i][:0]
-            self.cached_ages[i] = self.cached_ages[i][:0]
-            self.cached_ids[i] = self.cached_ids[i][:0]
-        self.update_step = 0
+            s["ltm"][i], s["ltm_keys"][i], s["ltm_ages"][i], s["ltm_rf"][i], s["ltm_ids"][i] = rows, keys, ages, rf, ids
+            for part in ("cached", "cached_keys", "cached_ages", "cached_ids"):
+                s[part][i] = s[part][i][:0]
+        s["update_step"] = 0
