@@ -498,3 +498,16 @@ def test_two_memories_of_one_trained_checkpoint_answered_at_once_equal_answered_
         assert together == [alone[n] for n in names]
     finally:
         served.stop()
+
+
+def test_the_error_tables_are_derived_from_the_error_classes():
+    """Exit codes, HTTP statuses and the client's classes come from one place: errors.py."""
+    from memllm_cli import errors
+    from memllm_cli.server.client import BY_EXIT
+
+    expected = {"UsageError": (2, 400), "ConfigError": (2, 400), "InputError": (3, 400), "MemoryNotFound": (4, 404),
+                "ModelError": (5, 400), "StoreError": (6, 500), "Busy": (7, 409), "Ungrounded": (8, 422)}
+    assert {name: (getattr(errors, name).exit_code, getattr(errors, name).http_status) for name in expected} == expected
+    assert {code: cls.__name__ for code, cls in BY_EXIT.items()} == {
+        2: "UsageError", 3: "InputError", 4: "MemoryNotFound", 5: "ModelError", 6: "StoreError", 7: "Busy",
+        8: "Ungrounded"}

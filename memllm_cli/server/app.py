@@ -42,17 +42,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (
-    Busy,
-    ConfigError,
-    InputError,
-    MemllmError,
-    MemoryNotFound,
-    ModelError,
-    StoreError,
-    Ungrounded,
-    UsageError,
-)
+from ..errors import MemllmError, MemoryNotFound
 from ..service.hub import Hub
 from ..service.session import Stop
 from ..text.sources import Document
@@ -61,8 +51,6 @@ log = logging.getLogger("memllm.serve")
 
 PREFIX = "memllm/"  # an OpenAI model id names a memory: "memllm/notes"
 MAX_BODY = 16 * 1024 * 1024  # bytes a request body may have (ingest text, chat messages)
-HTTP_STATUS = {UsageError: 400, ConfigError: 400, InputError: 400, MemoryNotFound: 404, ModelError: 400,
-               StoreError: 500, Busy: 409, Ungrounded: 422}
 
 
 class ApiError(Exception):
@@ -186,7 +174,7 @@ def create_app(hub: Hub, *, api_key: str | None = None, local: Callable[[Request
 
     @app.exception_handler(MemllmError)
     async def memllm_error(request: Request, err: MemllmError):
-        status = next((s for cls, s in HTTP_STATUS.items() if isinstance(err, cls)), 500)
+        status = err.http_status
         kind = "not_found_error" if status == 404 else "server_error" if status >= 500 else "invalid_request_error"
         body = error_body(err.message, kind, err.exit_code)
         if err.hint:

@@ -22,21 +22,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import (
-    Busy,
-    ConfigError,
-    InputError,
-    MemllmError,
-    MemoryNotFound,
-    ModelError,
-    StoreError,
-    Ungrounded,
-    UsageError,
-)
+from ..errors import ConfigError, MemllmError, by_exit_code
 
 CONNECT_SECONDS = 5.0
 WIRE_ERRORS = (OSError, http.client.HTTPException)  # socket.timeout is an OSError
-BY_EXIT = {2: UsageError, 3: InputError, 4: MemoryNotFound, 5: ModelError, 6: StoreError, 7: Busy, 8: Ungrounded}
+BY_EXIT = by_exit_code()  # the server's answers carry the exit code: the same class is raised here
 
 
 class ServerGone(MemllmError):
