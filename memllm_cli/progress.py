@@ -1,7 +1,11 @@
-"""The small protocol through which long work reports progress. The CLI renders it."""
+"""The small protocols through which long work reports progress (the CLI renders it) and is
+asked to stop at its next chunk boundary (a signal handler, a server shutting down, a client
+that went)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -24,3 +28,19 @@ class NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+@dataclass
+class Stop:
+    """A request to stop an ingest at the next chunk boundary. `armed` says whether chunks
+    are being written (a signal handler that finds it unarmed stops at once instead);
+    `forward` passes a request on (to the server an ingest runs in)."""
+
+    requested: str | None = None  # what asked: "SIGINT", "SIGTERM"
+    armed: bool = False
+    forward: Callable[[str], None] | None = None
+
+    def request(self, why: str) -> None:
+        self.requested = self.requested or why
+        if self.forward is not None:
+            self.forward(self.requested)

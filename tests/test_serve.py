@@ -511,3 +511,18 @@ def test_the_error_tables_are_derived_from_the_error_classes():
     assert {code: cls.__name__ for code, cls in BY_EXIT.items()} == {
         2: "UsageError", 3: "InputError", 4: "MemoryNotFound", 5: "ModelError", 6: "StoreError", 7: "Busy",
         8: "Ungrounded"}
+
+
+def test_both_back_ends_take_the_same_parameters():
+    """The CLI and memllm mcp call one protocol: Memllm (this process) and Remote (a running
+    server) take the same parameters, by the same names, in the same order, with the same defaults."""
+    import inspect
+
+    from memllm_cli.server.backends import PROTOCOL, Backend
+    from memllm_cli.server.client import Remote
+
+    def shape(method):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+    for name in PROTOCOL:
+        assert shape(getattr(Memllm, name)) == shape(getattr(Remote, name)) == shape(getattr(Backend, name)), name

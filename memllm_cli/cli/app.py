@@ -111,11 +111,12 @@ def main(
     _log_to_stderr()
 
 
-def remote(ctx: typer.Context):
-    """The running server of this home, if the command should go through it (server/client.py)."""
-    from ..server.client import connect
+def backend(ctx: typer.Context, **options):
+    """The back-end for this invocation (server/backends.py): the running server of this home
+    when the command may go through it, else this process; it falls back once by itself."""
+    from ..server.backends import Chosen
 
-    return connect(ctx.obj, ctx.meta.get("no_server", False))
+    return Chosen({**ctx.obj, **options}, ctx.meta.get("no_server", False))
 
 
 def service(ctx: typer.Context, **options):

@@ -3,7 +3,6 @@ export, import. Each parses flags, makes one call into the service, renders the 
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import sys
@@ -15,8 +14,8 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError, StoreError, Ungrounded, UsageError
-from ..server.client import ServerGone
-from .app import Terminated, app, exit_for, remote, service, stopping_signals
+from ..progress import Stop
+from .app import Terminated, app, backend, exit_for, service, stopping_signals
 from .render import disk_size, emit, err, interactive, progress_for, safe, show, size, table
 
 
@@ -47,22 +46,13 @@ def ingest(
       git log -5 | memllm -m work ingest --name git-log -
     """
     stdin = sys.stdin.buffer if sys.stdin is not None else None  # None: closed (<&-)
-    server = remote(ctx) if max_disk is None else None  # a disk budget of its own: in-process
-    if server is not None:
-        if interactive() and not (quiet or as_json):
-            err("memllm: writing through memllm serve (no progress bar); Ctrl-C stops at a chunk boundary")
-        stop = _RemoteStop(server)
-        with stop_at_chunk_boundary(stop):
-            data = stdin.read() if "-" in paths and stdin is not None else None
-            report = server.ingest(paths, stdin=data, name=name, force=force, sync=sync)
-    else:
-        from ..service.session import Stop
-
-        progress = progress_for(as_json, quiet)
-        stop = Stop()
-        with stop_at_chunk_boundary(stop):
-            report = service(ctx, max_disk=disk_size(max_disk)).ingest(paths, stdin=stdin, name=name, force=force,
-                                                                       sync=sync, progress=progress, stop=stop)
+    chosen = backend(ctx, max_disk=disk_size(max_disk))  # a disk budget of its own: in-process
+    if chosen.through_server and interactive() and not (quiet or as_json):
+        err("memllm: writing through memllm serve (no progress bar); Ctrl-C stops at a chunk boundary")
+    stop = Stop()
+    with stop_at_chunk_boundary(stop):
+        report = chosen.ingest(paths, stdin=stdin, name=name, force=force, sync=sync,
+                               progress=progress_for(as_json, quiet), stop=stop)
     for skipped in report.skipped:
         err(f"memllm: skipped {safe(skipped['path'])}: {skipped['reason']}")
     for warning in report.warnings:
@@ -100,24 +90,6 @@ def ingest(
         raise typer.Exit(exit_for(report.interrupted))
 
 
-class _RemoteStop:
-    """A stop request for an ingest that runs in memllm serve: passed on to the server."""
-
-    armed = True
-
-    def __init__(self, server) -> None:
-        self.server, self._requested = server, None
-
-    @property
-    def requested(self) -> str | None:
-        return self._requested
-
-    @requested.setter
-    def requested(self, value: str) -> None:
-        self._requested = value
-        self.server.stop(value)
-
-
 @contextmanager
 def stop_at_chunk_boundary(stop):
     """While chunks are written, Ctrl-C, SIGTERM or SIGHUP asks the ingest to stop at the next chunk
@@ -129,7 +101,7 @@ def stop_at_chunk_boundary(stop):
 
     def handler(signum, frame) -> None:
         if stop.armed and not stop.requested:
-            stop.requested = signal.Signals(signum).name
+            stop.request(signal.Signals(signum).name)
             err(f"memllm: {stop.requested}: stopping at the next chunk boundary (again to stop at once)")
             return
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
@@ -176,28 +148,16 @@ def ask(
         if sys.stdin is None:
             raise InputError("- means standard input, but it is closed")
         question = sys.stdin.read()
-    options = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, budget=budget)
-    server = remote(ctx)
-    answer = server.ask(question, max_tokens=max_tokens, **options) if server else None
-    if answer is not None:
-        try:
-            first = next(iter_answer := iter(answer), None)  # a server that went: run in-process instead
-        except ServerGone as gone:
-            err(f"memllm: {gone.message}; running in-process")
-            answer = None
-    if answer is None:
-        answer = service(ctx).ask(question, max_new_tokens=max_tokens, **options)
-        iter_answer = iter(answer)
-        first = next(iter_answer, None)
-    pieces = [] if first is None else [first]
+    answer = backend(ctx).ask(question, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed, budget=budget)
     if as_json:
-        for _ in iter_answer:
+        for _ in answer:
             pass
         emit(answer.to_dict(), True, print)
         _grounded(answer, strict)
         return
     ended_with_newline = True
-    for piece in itertools.chain(pieces, iter_answer):
+    for piece in answer:
         sys.stdout.write(piece)
         sys.stdout.flush()
         ended_with_newline = piece.endswith("\n")
@@ -237,12 +197,7 @@ def status(
       memllm status
       memllm -m work status --json
     """
-    server = remote(ctx)
-    try:
-        info = server.status() if server else service(ctx).status()
-    except ServerGone as gone:
-        err(f"memllm: {gone.message}; running in-process")
-        info = service(ctx).status()
+    info = backend(ctx).status()
 
     def text() -> None:
         show(f"memory [bold]{info['memory']}[/] ({info['kind']}), model {info['model']}\n"

@@ -21,8 +21,10 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ConfigError, MemllmError, by_exit_code
+from ..progress import Progress, Stop
 
 CONNECT_SECONDS = 5.0
 WIRE_ERRORS = (OSError, http.client.HTTPException)  # socket.timeout is an OSError
@@ -40,8 +42,8 @@ def connect(options: dict, no_server: bool = False) -> Remote | None:
     """A client of the server of this invocation's home, or None: run in-process."""
     if no_server or os.environ.get("MEMLLM_NO_SERVER", "") not in ("", "0"):
         return None
-    if any(options.get(k) for k in ("model", "device", "dtype")):
-        return None  # the server runs its own model settings
+    if any(options.get(k) is not None for k in ("model", "device", "dtype", "max_disk")):
+        return None  # the server runs its own model settings (and disk budget)
     from ..config import NAME, load_settings
     from . import socket_path
 
@@ -126,16 +128,29 @@ class Remote:
     def status(self) -> dict:
         return self._json(self._call("GET", self.url("status")))
 
-    def ingest(self, paths: list[str], *, stdin: bytes | None = None, name: str | None = None,
-               force: bool = False, sync: bool = False) -> RemoteReport:
-        """`memllm ingest` on the server: paths made absolute here (the server reads them, over
-        the local socket only), stdin sent as bytes. `stop` asks it to stop at a chunk boundary."""
+    def ingest(self, paths: list[str], *, stdin: BinaryIO | None = None, name: str | None = None,
+               force: bool = False, sync: bool = False, progress: Progress | None = None,
+               stop: Stop | None = None) -> RemoteReport:
+        """`memllm ingest` on the server (Memllm.ingest's parameters): paths made absolute here
+        (the server reads them, over the local socket only), standard input read here and sent
+        as bytes; a request to `stop` is passed on to the server (it stops at a chunk boundary
+        and commits). The server reports no progress."""
         here = os.getcwd()
         absolute = [p if p == "-" else os.path.join(here, os.path.expanduser(p)) for p in paths]
+        data = stdin.read() if "-" in paths and stdin is not None else None
+        body = {"paths": absolute, "name": name, "force": force, "sync": sync,
+                "stdin_base64": base64.b64encode(data).decode() if data is not None else None}
+        return RemoteReport(self._ingest(body, stop))
+
+    def _ingest(self, body: dict, stop: Stop | None) -> dict:
         self.ingest_id = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        body = {"paths": absolute, "name": name, "force": force, "sync": sync, "id": self.ingest_id,
-                "stdin_base64": base64.b64encode(stdin).decode() if stdin is not None else None}
-        return RemoteReport(self._json(self._call("POST", self.url("ingest"), body)))
+        if stop is not None:
+            stop.forward, stop.armed = self.stop, True
+        try:
+            return self._json(self._call("POST", self.url("ingest"), {**body, "id": self.ingest_id}))
+        finally:
+            if stop is not None:
+                stop.forward, stop.armed = None, False
 
     def stop(self, signal_name: str) -> None:
         """Ask the running ingest to stop at its next chunk boundary (from a signal handler:
@@ -148,16 +163,19 @@ class Remote:
         except WIRE_ERRORS:
             pass  # the ingest ended meanwhile, or the server went: the answer says which
 
-    def ingest_text(self, name: str, text: str) -> dict:
-        """One document's text written on the server (`stop` stops it at a chunk boundary)."""
-        self.ingest_id = f"mcp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        body = {"documents": [{"name": name, "text": text}], "id": self.ingest_id}
-        return self._json(self._call("POST", self.url("ingest"), body))
+    def ingest_text(self, name: str, text: str, *, force: bool = False, stop: Stop | None = None) -> RemoteReport:
+        """One document's text written on the server (Memllm.ingest_text's parameters)."""
+        return RemoteReport(self._ingest({"documents": [{"name": name, "text": text}], "force": force}, stop))
 
-    def forget(self, sources: list[str]) -> dict:
-        return self._json(self._call("POST", self.url("forget"), {"sources": sources}))
+    def forget(self, sources: list[str], *, purge: bool = False) -> dict:
+        return self._json(self._call("POST", self.url("forget"), {"sources": sources, "purge": purge}))
 
-    def ask(self, question: str, **options) -> RemoteAnswer:
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+            top_k: int = 0, seed: int | None = None, budget: int | None = None) -> RemoteAnswer:
+        """The answer streamed from the server (Memllm.ask's parameters; the API calls the
+        first `max_tokens`, as OpenAI's does)."""
+        options = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                   "seed": seed, "budget": budget}
         body = {"question": question, "stream": True, **{k: v for k, v in options.items() if v is not None}}
         return RemoteAnswer(self, body)
 

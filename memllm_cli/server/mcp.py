@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import MemllmError
-from .client import Remote, connect
+from ..progress import Stop
+from .backends import Chosen
 
 MAX_REQUEST = 1 << 20  # bytes one JSON-RPC line may have: a note, not a library (memllm ingest takes those)
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
@@ -32,53 +33,35 @@ INSTRUCTIONS = ("A memory that keeps learning: `remember` what should be known l
 
 
 class Backend:
-    """The memory the tools use: through a running server, or in this process."""
+    """The memory the tools use (server/backends.py: through a running server, else in this
+    process), and the stop of the ingest in flight, for when the client goes."""
 
     def __init__(self, options: dict, no_server: bool = False) -> None:
-        self.options = options
-        self.remote: Remote | None = connect(options, no_server)
-        self._local = None
-        self._stop = None  # the Stop of the ingest in flight in this process
+        self.chosen = Chosen(options, no_server)
+        self._stop: Stop | None = None
 
     def stop(self) -> None:
         """The client went: an ingest in flight stops at its next chunk boundary and commits."""
-        if self.remote is not None:
-            self.remote.stop("SIGTERM")
         if self._stop is not None:
-            self._stop.requested = self._stop.requested or "SIGTERM"
-
-    def local(self):
-        if self._local is None:
-            from ..service import Memllm
-
-            self._local = Memllm(**{k: v for k, v in self.options.items() if v is not None})
-        return self._local
+            self._stop.request("SIGTERM")
 
     def remember(self, text: str, name: str) -> dict:
-        if self.remote is not None:
-            return self.remote.ingest_text(name, text)
-        from ..service.session import Stop
-        from ..text.sources import Document
-
-        self._stop = Stop()
+        self._stop = Stop(armed=True)
         try:
-            return self.local().ingest_documents([Document.of(name, text)], stop=self._stop).to_dict()
+            return self.chosen.ingest_text(name, text, stop=self._stop).to_dict()
         finally:
             self._stop = None
 
     def recall(self, question: str, max_tokens: int) -> dict:
-        answer = (self.remote.ask(question, max_tokens=max_tokens) if self.remote is not None
-                  else self.local().ask(question, max_new_tokens=max_tokens))
+        answer = self.chosen.ask(question, max_new_tokens=max_tokens)
         "".join(answer)
         return answer.to_dict()
 
     def forget(self, name: str) -> dict:
-        if self.remote is not None:
-            return self.remote.forget([name])
-        return self.local().forget([name])
+        return self.chosen.forget([name])
 
     def status(self) -> dict:
-        return self.remote.status() if self.remote is not None else self.local().status()
+        return self.chosen.status()
 
 
 def build(backend: Backend):

@@ -22,7 +22,7 @@ from ..memory import Memory, Sampling
 from ..memory.base import CHUNK_TOKENS
 from ..model import placement
 from ..model.loading import EMBEDDED, LoadedModel, load_model
-from ..progress import NoProgress, Progress
+from ..progress import NoProgress, Progress, Stop
 from ..store import FORMAT, Store
 from ..store.migrations import migrate
 from ..text.chunking import Chunk, chunk_document
@@ -65,15 +65,6 @@ class IngestReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fill": round(self.fill, 4), "seconds": round(self.seconds, 3)}
-
-
-@dataclass
-class Stop:
-    """A request to stop an ingest at the next chunk boundary. `armed` says whether chunks
-    are being written (a signal handler that finds it unarmed stops at once instead)."""
-
-    requested: str | None = None  # what asked: "SIGINT", "SIGTERM"
-    armed: bool = False
 
 
 @dataclass
@@ -320,6 +311,10 @@ class Session:
             raise UsageError("--name must not be empty")
         return self.ingest_documents(collect(paths, stdin, stdin_name=name), force=force, sync=sync,
                                      progress=progress, stop=stop)
+
+    def ingest_text(self, name: str, text: str, *, force: bool = False, stop: Stop | None = None) -> IngestReport:
+        """Write `text` as the document `name` (a later text under that name replaces it)."""
+        return self.ingest_documents([Document.of(name, text)], force=force, stop=stop)
 
     def ingest_documents(self, collected: Collected | list[Document], *, force: bool = False, sync: bool = False,
                          progress: Progress | None = None, stop: Stop | None = None) -> IngestReport:
