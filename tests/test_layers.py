@@ -132,3 +132,40 @@ def test_the_checker_sees_a_violation(tmp_path):
     found = sorted(t for t, _ in imports("memllm_cli.memory.free", fake))
     assert found == ["memllm_cli.memory.recall", "memllm_cli.store.repo", "rich"]
     assert layer_of("memllm_cli.store.repo") not in ALLOWED["memory"]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (type-only and function-level imports too)."""
+    found = dict(modules())
+    graph: dict[str, set[str]] = {}
+    for module, path in found.items():
+        deps = set()
+        for target, _ in imports(module, path):
+            parts = target.split(".")
+            while parts and ".".join(parts) not in found:  # `from .x import name`: the module x
+                parts.pop()
+            if parts and ".".join(parts) != module:
+                deps.add(".".join(parts))
+        graph[module] = deps
+    return graph
+
+
+def test_no_module_imports_itself_round_about():
+    """No import cycles, not even type-only ones (official.py and placement.py had one)."""
+    graph = _module_graph()
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    cycles = []
+
+    def walk(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                walk(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])
+    assert not cycles, cycles

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 
 from ..errors import ModelError
 
-if TYPE_CHECKING:
-    from .official import Config
+
+class Layered(Protocol):
+    """What placement needs of a checkpoint's config (official.Config has it): its layer count."""
+
+    layers: int
 
 
 def estimate_bytes(files: list[Path], dtype: torch.dtype) -> int:
@@ -48,7 +51,7 @@ def available_bytes() -> int | None:
     return None
 
 
-def plan_devices(config: Config, shapes: dict[str, list[int]], dtype: torch.dtype, device: str) -> dict[str, str]:
+def plan_devices(config: Layered, shapes: dict[str, list[int]], dtype: torch.dtype, device: str) -> dict[str, str]:
     """Device of each checkpoint part: "model.embed_tokens", "model.layers.{i}" (with the
     layer's memory rows), "model.norm", "lm_head" and "bos_embedding".
 
@@ -69,7 +72,7 @@ def plan_devices(config: Config, shapes: dict[str, list[int]], dtype: torch.dtyp
     return accelerate_map(config, shapes, dtype)
 
 
-def accelerate_map(config: Config, shapes: dict[str, list[int]], dtype: torch.dtype,
+def accelerate_map(config: Layered, shapes: dict[str, list[int]], dtype: torch.dtype,
                    max_memory: dict | None = None) -> dict[str, str]:
     """accelerate's balanced device map over a weightless skeleton of the checkpoint, in which
     each layer owns its memory rows (and long-term rows), so a layer is never split."""
