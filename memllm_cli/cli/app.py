@@ -207,11 +207,11 @@ GLOBAL_OPTIONS = {"--memory": True, "-m": True, "--model": True, "--device": Tru
                   "--no-server": False}
 
 
-def hoist_global_options(argv: list[str]) -> list[str]:
+def hoist_global_options(argv: list[str], group=None) -> list[str]:
     """`memllm ask --no-server Q` as `memllm --no-server ask Q`: global options written after the
     command move before it, unless the command has an option of that name itself
     (`snapshot create -m MESSAGE`). Values of the command's own options are never taken for one."""
-    group = typer.main.get_command(app)  # click's objects (typer's own copy of click: duck-typed here)
+    group = group or typer.main.get_command(app)  # click's objects (typer's own copy of click: duck-typed)
     start = 0
     while start < len(argv) and argv[start].startswith("-") and argv[start] != "--":  # globals before the command
         name = argv[start].split("=", 1)[0]
@@ -253,8 +253,9 @@ def run(argv: list[str] | None = None) -> None:
             if signum != signal.SIGINT:
                 signal.signal(signum, _on_sigterm)
     try:
-        code = app(args=hoist_global_options(sys.argv[1:] if argv is None else list(argv)), prog_name="memllm",
-                   standalone_mode=False)
+        command = typer.main.get_command(app)  # built once (about 30 ms): for the options, then to run
+        code = command(args=hoist_global_options(sys.argv[1:] if argv is None else list(argv), command),
+                       prog_name="memllm", standalone_mode=False)
     except SystemExit:
         raise
     except BaseException as raised:  # the edge: every error ends here, as one line

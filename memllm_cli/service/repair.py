@@ -30,9 +30,9 @@ from .. import __version__, memory
 from ..clock import now
 from ..errors import InputError, StoreError
 from ..memory.base import CHUNK_TOKENS
+from ..store.repo import COMMITS
 from ..text.chunking import chunk_document
 
-COMMITS = ("ingest", "forget", "rollback", "repair")  # journal operations that commit a version
 UNNAMED = ("<stdin>", "<purged>")  # documents no file on disk can stand for
 
 

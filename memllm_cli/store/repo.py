@@ -73,6 +73,7 @@ class DamagedBlock(StoreError):
 log = logging.getLogger("memllm")
 
 FORMAT = 3  # 3: blocks may be quantized (a codec in their metadata); see migrations.py
+COMMITS = ("ingest", "forget", "rollback", "repair")  # the journal's operations that commit a version
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 INFO = "memory.json"
 
@@ -720,18 +721,10 @@ class Repo:
         return report
 
     def damaged_blocks(self, blocks: set[str]) -> list[str]:
-        """Those of `blocks` whose file is missing or no longer hashes to its id (an evicted
-        block is not damaged while what it left behind checks)."""
-        out = []
-        for block in sorted(blocks):
-            if block.startswith("@"):
-                continue  # a checkpoint's own rows
-            problem = _stored_file_problem(self.folder / "blocks" / f"{block}.safetensors", block)
-            if problem == "missing" and self._stub_ok(block):
-                continue
-            if problem:
-                out.append(block)
-        return out
+        """Those of `blocks` (but a checkpoint's own rows, "@...") that `block_problem` finds
+        wrong: missing, unreadable, a link, or not hashing to their id (an evicted block is not
+        damaged while what it left behind checks)."""
+        return [b for b in sorted(blocks) if not b.startswith("@") and self.block_problem(b)]
 
     def block_problem(self, block: str) -> str | None:
         """What is wrong with a block a version names (as verify says it), or None."""
@@ -743,12 +736,6 @@ class Repo:
                 return err.message.split(": ", 1)[-1]
             return None
         return problem
-
-    def _stub_ok(self, block: str) -> bool:
-        try:
-            return self.is_evicted(block) and self._stub_tokens(block) >= 0
-        except StoreError:
-            return False
 
     # -- repair ------------------------------------------------------------------------
 
@@ -870,7 +857,7 @@ class Repo:
         present = set(self.versions())
         for entry in reversed(self.journal()):
             version = entry.get("version")
-            if entry.get("op") in ("ingest", "forget", "rollback", "repair") and version in present \
+            if entry.get("op") in COMMITS and version in present \
                     and not self.damaged_versions({version}):
                 return version
         return None
@@ -909,7 +896,7 @@ class Repo:
         lost = {v for e in journal if e.get("op") == "repair" for v in e.get("lost_versions", [])}
         present = set(self.versions())
         return {e["version"]: e for e in journal if e.get("version") in lost and e.get("version") not in present
-                and e.get("op") in ("ingest", "forget", "rollback", "repair") and "parent" in e}
+                and e.get("op") in COMMITS and "parent" in e}
 
     def pruned(self) -> set[str]:
         """Versions gone on purpose, so their children's parent links dangle: deleted by gc,
