@@ -225,8 +225,10 @@ class History(Session):
             for v in reversed(chain):
                 done.add(v)
                 order.append(v)
-        purged_blocks = set(blocks) | {b for b in repo.blocks() + repo.evicted() if _source_sha(repo, b) in shas}
-        if shas:  # a damaged block whose metadata cannot be read: the versions say whose it is
+        owners = {b: _source_sha(repo, b) for b in repo.blocks() + repo.evicted()}
+        purged_blocks = set(blocks) | {b for b, sha in owners.items() if sha in shas}
+        if shas and (None in owners.values() or {b for b in repo.listed_blocks() if b[0] != "@"} - set(owners)):
+            # a block whose metadata cannot be read, or that is gone: the versions say whose it was
             purged_blocks |= {b for b, o in repair.origins(repo).items() if o["source"].get("sha256") in shas}
         mapping: dict[str, str] = {}
         for v in order:
